@@ -1,0 +1,363 @@
+"""The base class of the Emo optimizers: loss intake, distributed mean, state and telemetry.
+
+Each optimizer subclass supplies only its update rule (``_update``) and the state it needs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from emolightning.optim._emotion import Emotion, EmotionSnapshot
+from emolightning.optim._multi_tensor import check_gradients, floored_eps
+
+LossLike = Union[float, int, Tensor]
+_STRING_STATE_KEYS = ("ema", "scalar_hist", "global_ema", "global_scalar_hist")
+
+
+def _validate(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+              name: str = "betas") -> None:
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
+        raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+    if len(tuple(betas)) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{name} must be two numbers in [0, 1), got {betas!r}")
+
+
+def _parse_state_dtype(state_dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    if state_dtype is None or isinstance(state_dtype, torch.dtype):
+        dtype = state_dtype
+    else:
+        names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                 "fp16": torch.float16}
+        dtype = names.get(str(state_dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"state_dtype must be None or one of {sorted(names)}, got {state_dtype!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"state_dtype must be a floating-point dtype, got {dtype}")
+    return dtype
+
+
+class EmoOptimizer(Optimizer):
+    """What every Emo optimizer shares. Not meant to be used directly.
+
+    The loss reaches the optimizer in one of three ways, first match wins:
+    ``step(loss=...)``, the losses given to :meth:`feed_loss` since the last step (their mean),
+    or the value returned by ``step(closure)``. With ``sync_loss`` and an initialised
+    ``torch.distributed`` group of more than one process, the loss is averaged across processes
+    before it touches the emotion state, so every rank takes the same step.
+    """
+
+    _history_source = "scalar"
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        use_shadow: bool,
+        sync_loss: bool,
+        foreach: Optional[bool],
+        fused: Optional[bool],
+        state_dtype: Union[None, str, torch.dtype],
+        writer: Any = None,
+    ) -> None:
+        _validate(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        if foreach and fused:
+            raise ValueError("foreach and fused are alternatives: set at most one of them to True")
+        super().__init__(params, defaults)
+        self.use_shadow = bool(use_shadow)
+        self.sync_loss = bool(sync_loss)
+        self.foreach = foreach
+        self.fused = bool(fused)
+        self.state_dtype = _parse_state_dtype(state_dtype)
+        self.writer = writer
+        self._init_lr = defaults["lr"]
+        self._emotion = self._make_emotion()
+        self._fed_sum: Optional[Tensor] = None
+        self._fed_count = 0
+        self._warned_no_loss = False
+        self._compiled: dict[Any, Any] = {}
+
+    def _make_emotion(self) -> Emotion:
+        return Emotion(use_shadow=self.use_shadow, history_source=self._history_source)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **param_group} if hasattr(self, "defaults") else param_group
+        if "lr" in merged:
+            _validate(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------------- loss
+    def feed_loss(self, loss: LossLike) -> None:
+        """Hand the optimizer a loss for the next step (for example one per micro-batch).
+
+        The next :meth:`step` uses the mean of everything fed since the previous step, unless
+        ``step(loss=...)`` is given. Tensors are kept on their device: nothing is synchronised
+        here. :class:`emolightning.callbacks.EmoLossFeed` calls this from Lightning.
+        """
+        value = loss.detach().reshape(()).to(torch.float64) if isinstance(loss, Tensor) else \
+            torch.tensor(float(loss), dtype=torch.float64)
+        if self._fed_sum is not None and self._fed_sum.device != value.device:
+            value = value.to(self._fed_sum.device)
+        self._fed_sum = value if self._fed_sum is None else self._fed_sum + value
+        self._fed_count += 1
+
+    def _take_local_loss(self, loss: Optional[LossLike], closure_loss: Any) -> tuple[Any, int]:
+        fed_sum, fed_count = self._fed_sum, self._fed_count
+        self._fed_sum, self._fed_count = None, 0
+        if loss is not None:
+            return loss, 1
+        if fed_count:
+            return fed_sum, fed_count
+        if closure_loss is not None:
+            return closure_loss, 1
+        return None, 0
+
+    def _distributed(self) -> bool:
+        return (self.sync_loss and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
+    def _resolve_loss(self, loss: Optional[LossLike], closure_loss: Any) -> Optional[float]:
+        total, count = self._take_local_loss(loss, closure_loss)
+        if isinstance(total, Tensor) and total.numel() != 1:
+            raise ValueError(f"the loss must be a scalar, got a tensor of shape {tuple(total.shape)}")
+        if not self._distributed():
+            if count == 0:
+                return None
+            value = total.item() if isinstance(total, Tensor) else float(total)
+            return value / count if count > 1 else value
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        if count == 0:
+            pair = torch.zeros(2, dtype=torch.float64, device=device)
+        else:
+            value = total.detach().reshape(()) if isinstance(total, Tensor) else torch.tensor(float(total))
+            pair = torch.stack([value.to(device=device, dtype=torch.float64),
+                                torch.tensor(float(count), dtype=torch.float64, device=device)])
+        dist.all_reduce(pair, op=dist.ReduceOp.SUM)
+        total_sum, total_count = pair.tolist()
+        if total_count == 0:
+            return None
+        return total_sum / total_count
+
+    # ----------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, *,
+             loss: Optional[LossLike] = None, **_: Any) -> Any:
+        """Take one optimization step.
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss. It runs with
+                gradients enabled, so a closure that calls ``backward()`` works.
+            loss: optional; this step's loss as a float or a 0-d tensor. Takes precedence over
+                fed losses and the closure's return value.
+
+        Returns:
+            The closure's return value, else ``loss``.
+        """
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        value = self._resolve_loss(loss, closure_loss)
+        if value is None:
+            self._emotion.observe_nothing()
+            self._warn_no_loss()
+        elif not math.isfinite(value):
+            self._emotion.observe_nonfinite()
+            return closure_loss if closure_loss is not None else loss
+        else:
+            self._emotion.observe(value)
+        self._apply_updates()
+        if self.writer is not None:
+            self._write_telemetry()
+        return closure_loss if closure_loss is not None else loss
+
+    def _warn_no_loss(self) -> None:
+        if self._warned_no_loss:
+            return
+        self._warned_no_loss = True
+        warnings.warn(
+            f"{type(self).__name__}.step() received no loss, so the emotion mechanism stays "
+            "neutral (emoDrive 1, no shadow blend, no should_stop) until one arrives. Pass "
+            "step(closure) or step(loss=...), or call feed_loss(); under Lightning with "
+            "precision='16-mixed' or gradient accumulation, add the "
+            "emolightning.callbacks.EmoLossFeed callback.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
+        params = [p for p in group["params"] if p.grad is not None]
+        check_gradients(params, type(self).__name__)
+        return params
+
+    def _state_dtype_for(self, p: Tensor) -> torch.dtype:
+        return self.state_dtype or p.dtype
+
+    def _apply_updates(self) -> None:
+        for index, group in enumerate(self.param_groups):
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self._init_state(p, self.state[p])
+            if self.use_shadow:
+                self._apply_shadow(params)
+            self._update_group(index, group, params)
+
+    def _compute_views(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list]:
+        """Parameters and gradients in the state dtype (copies only where the dtypes differ)."""
+        work, grads, writeback = [], [], []
+        for p in params:
+            dtype = self._state_dtype_for(p)
+            if p.dtype == dtype:
+                work.append(p)
+                grads.append(p.grad)
+            else:
+                copy = p.detach().to(dtype)
+                work.append(copy)
+                grads.append(p.grad.to(dtype))
+                writeback.append((p, copy))
+        return work, grads, writeback
+
+    @staticmethod
+    def _write_back(writeback: list) -> None:
+        for p, copy in writeback:
+            p.copy_(copy)
+
+    def _eps(self, eps: float, tensors: list[Tensor]) -> float:
+        return min((floored_eps(eps, t.dtype) for t in tensors), default=eps)
+
+    def _use_foreach(self, params: list[Tensor]) -> bool:
+        if self.foreach is not None:
+            return self.foreach
+        return not torch.jit.is_scripting() and all(p.device.type in ("cpu", "cuda") for p in params)
+
+    # ------------------------------------------------------------------------------- shadow
+    def _apply_shadow(self, params: list[Tensor]) -> None:
+        emotion = self._emotion
+        shadows = []
+        for p in params:
+            state = self.state[p]
+            if "shadow" not in state:
+                state["shadow"] = p.detach().to(self._state_dtype_for(p), copy=True)
+            shadows.append(state["shadow"])
+        trust = abs(emotion.trust)
+        if emotion.ratio > 0:
+            for p, shadow in zip(params, shadows):
+                p.mul_(1 - emotion.ratio).add_(shadow.to(p.dtype), alpha=trust)
+        else:
+            for p, shadow in zip(params, shadows):
+                shadow.lerp_(p.to(shadow.dtype), 0.1 * trust)
+
+    # --------------------------------------------------------------------- subclass contract
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- observability
+    @property
+    def should_stop(self) -> bool:
+        """True once the emotion history has stayed quiet for 32 steps (sticky until reset)."""
+        return self._emotion.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self._emotion.should_stop = bool(value)
+
+    def reset_should_stop(self) -> None:
+        """Clear ``should_stop`` and the history it was computed from."""
+        self._emotion.should_stop = False
+        self._emotion.history.clear()
+
+    def reset_emotion(self, *, moments: bool = False) -> None:
+        """Start the emotion afresh, as a new training session would ("additional training").
+
+        Args:
+            moments: also drop every per-parameter state (moments, factors, shadow), the
+                author's "fresh start" variant.
+        """
+        self._emotion.reset()
+        self._fed_sum, self._fed_count = None, 0
+        if moments:
+            self.state.clear()
+
+    def _branch(self) -> Optional[str]:
+        return None
+
+    def snapshot(self) -> EmotionSnapshot:
+        """The current emotion as a read-only :class:`EmotionSnapshot`."""
+        e = self._emotion
+        lrs = tuple(float(g["lr"]) for g in self.param_groups)
+        return EmotionSnapshot(
+            step=e.step, loss=e.loss, scalar=e.scalar, drive=e.drive,
+            blend_ratio=e.ratio, blend_count=e.blend_count, should_stop=e.should_stop,
+            lr=lrs, effective_lr=tuple(lr * e.drive for lr in lrs), branch=self._branch(),
+            steps_without_loss=e.steps_without_loss, nonfinite_losses=e.nonfinite_losses,
+            ema=e.ema_view,
+        )
+
+    def _write_telemetry(self) -> None:
+        snap = self.snapshot()
+        base = snap.lr[-1]
+        self.writer.add_scalar("emoLR/base", base, snap.step)
+        self.writer.add_scalar("emoLR/Turbo", base * snap.drive, snap.step)
+        self.writer.add_scalar("emostate/emoDrive", snap.drive, snap.step)
+        self.writer.add_scalar("emostate/scalar", snap.scalar, snap.step)
+
+    # ---------------------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state plus ``"emo"``: the emotion state, history and
+        ``should_stop``. Only tensors, numbers, strings, lists and dicts, so
+        ``torch.load(..., weights_only=True)`` reads it."""
+        state = super().state_dict()
+        state["emo"] = self._emotion.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by this class, or by the reference implementation (whose emotion
+        lives under string keys such as ``'ema'`` and ``'scalar_hist'`` inside ``state``)."""
+        state_dict = dict(state_dict)
+        emo = state_dict.pop("emo", None)
+        per_param = dict(state_dict.get("state", {}))
+        reference = {k: per_param.pop(k) for k in _STRING_STATE_KEYS if k in per_param}
+        state_dict["state"] = per_param
+        super().load_state_dict(state_dict)
+        self._restore_state_dtypes(state_dict)
+        if emo is not None:
+            self._emotion.load_state_dict(emo)
+        elif reference:
+            self._emotion.load_reference(
+                reference.get("ema", reference.get("global_ema")),
+                reference.get("scalar_hist", reference.get("global_scalar_hist")),
+            )
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded state to the parameter's dtype; fp32 state of low-precision (or
+        # EmoClan's fp32 second moments of float64) parameters must keep its saved dtype.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved or p not in self.state:
+                continue
+            for key, value in saved.items():
+                loaded = self.state[p].get(key)
+                if isinstance(value, Tensor) and isinstance(loaded, Tensor) and loaded.dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)

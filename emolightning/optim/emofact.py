@@ -1,0 +1,135 @@
+"""EmoFact: sign update with factored (row/column) statistics (reference v3.6.1)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from emolightning.optim._base import EmoOptimizer
+from emolightning.optim._multi_tensor import (
+    CompiledUpdate, decay_, group_by_device_and_dtype, scalar_tensor, step_,
+)
+
+
+def fact_update(params: list[Tensor], grads: list[Tensor], rows: list[Tensor], cols: list[Tensor],
+                params_1d: list[Tensor], grads_1d: list[Tensor],
+                exp_avg_sqs: list[Tensor], lr: Any, drive: Any, beta1: float, beta2: float,
+                eps: float, weight_decay: float) -> None:
+    """One tensor at a time; ``lr`` and ``drive`` may be 0-d tensors (compiled path).
+
+    The reference steps with ``sign(g / denom)``. ``denom`` is positive (``eps`` is kept
+    representable), so that is ``sign(g)``; the factored statistics are still kept, as the
+    reference keeps them, so states stay interchangeable.
+    """
+    for p, g, r, c in zip(params, grads, rows, cols):
+        g2 = g * g
+        r_sq = g2.mean(dim=tuple(range(1, g.dim())), keepdim=True) + eps
+        c_sq = g2.mean(dim=0, keepdim=True) + eps
+        r.mul_(beta1).add_(r_sq.sqrt(), alpha=1 - beta1)
+        c.mul_(beta1).add_(c_sq.sqrt(), alpha=1 - beta1)
+        decay_(p, lr, weight_decay)
+        step_(p, torch.sign(g), lr, drive)
+    for p, g, v in zip(params_1d, grads_1d, exp_avg_sqs):
+        # beta1 decay with a (1 - beta2) increment, as in the reference; it never reaches the update.
+        v.mul_(beta1).addcmul_(g, g, value=1 - beta2)
+        decay_(p, lr, weight_decay)
+        step_(p, torch.sign(g), lr, drive)
+
+
+def fact_update_foreach(params: list[Tensor], grads: list[Tensor], rows: list[Tensor],
+                        cols: list[Tensor], params_1d: list[Tensor],
+                        grads_1d: list[Tensor], exp_avg_sqs: list[Tensor], lr: float,
+                        drive: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float) -> None:
+    if params:
+        squares = torch._foreach_mul(grads, grads)
+        r_sq = [s.mean(dim=tuple(range(1, s.dim())), keepdim=True) for s in squares]
+        c_sq = [s.mean(dim=0, keepdim=True) for s in squares]
+        for stats, sq in ((rows, r_sq), (cols, c_sq)):
+            torch._foreach_add_(sq, eps)
+            torch._foreach_sqrt_(sq)
+            torch._foreach_mul_(stats, beta1)
+            torch._foreach_add_(stats, sq, alpha=1 - beta1)
+    if params_1d:
+        torch._foreach_mul_(exp_avg_sqs, beta1)
+        torch._foreach_addcmul_(exp_avg_sqs, grads_1d, grads_1d, value=1 - beta2)
+    every_param, every_grad = params + params_1d, grads + grads_1d
+    # p + (-lr * wd) * p, the reference's rounding: sign steps amplify any difference.
+    torch._foreach_add_(every_param, torch._foreach_mul(every_param, -lr * weight_decay))
+    signs = torch._foreach_sign(every_grad)
+    torch._foreach_add_(every_param, signs, alpha=-lr * drive)
+
+
+class EmoFact(EmoOptimizer):
+    """EmoFact (v3.6.1): a sign step scaled by emoDrive, with Adafactor-style factored state.
+
+    The update is ``p -= lr * emoDrive * sign(g)`` plus decoupled weight decay: as in the
+    reference, the row/column statistics it keeps never change the direction. Its state is a
+    row and a column vector per matrix (or conv kernel), so it is the lightest of the family.
+    See :class:`~emolightning.optim.EmoNavi` for the emotion mechanism and the shared arguments.
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: learning rate (the author recommends 1e-4 for LoRA).
+        betas: ``betas[0]`` decays the factored statistics.
+        eps: added inside and outside the statistics' square roots.
+        weight_decay: decoupled weight decay (applied every step, not boosted).
+        use_shadow, sync_loss, foreach, fused, state_dtype, writer: as for EmoNavi.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = EmoFact(model.parameters(), lr=1e-4)
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.995),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        use_shadow: bool = False,
+        sync_loss: bool = True,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        state_dtype: Union[None, str, torch.dtype] = None,
+        writer: Any = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, use_shadow=use_shadow, sync_loss=sync_loss,
+                         foreach=foreach, fused=fused, state_dtype=state_dtype, writer=writer)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        dtype = self._state_dtype_for(p)
+        if p.dim() >= 2:
+            state["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype, device=p.device)
+            state["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dtype, device=p.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        work, grads, writeback = self._compute_views(params)
+        beta1, beta2 = group["betas"]
+        lr, drive, wd = group["lr"], self._emotion.drive, group["weight_decay"]
+        for (device, dtype), (ps, gs, owners) in group_by_device_and_dtype([work, grads, params]).items():
+            matrix = [i for i, p in enumerate(ps) if p.dim() >= 2]
+            vector = [i for i, p in enumerate(ps) if p.dim() < 2]
+            lists = (
+                [ps[i] for i in matrix], [gs[i] for i in matrix],
+                [self.state[owners[i]]["exp_avg_r"] for i in matrix],
+                [self.state[owners[i]]["exp_avg_c"] for i in matrix],
+                [ps[i] for i in vector], [gs[i] for i in vector],
+                [self.state[owners[i]]["exp_avg_sq"] for i in vector],
+            )
+            eps = self._eps(group["eps"], lists[2] + lists[6])
+            if self.fused:
+                update = self._compiled.setdefault((index, device, dtype), CompiledUpdate(fact_update, "EmoFact"))
+                update(*lists, scalar_tensor(lr, ps[0]), scalar_tensor(drive, ps[0]), beta1, beta2, eps, wd)
+            elif self._use_foreach(ps):
+                fact_update_foreach(*lists, lr, drive, beta1, beta2, eps, wd)
+            else:
+                fact_update(*lists, lr, drive, beta1, beta2, eps, wd)
+        self._write_back(writeback)

@@ -1,0 +1,119 @@
+"""EmoNavi: Adam-type update driven by the emotion of the loss (reference v3.6.1)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from emolightning.optim._base import EmoOptimizer
+from emolightning.optim._multi_tensor import (
+    CompiledUpdate, decay_, group_by_device_and_dtype, scalar_tensor, step_,
+)
+
+
+def navi_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                exp_avg_sqs: list[Tensor], lr: Any, drive: Any, beta1: float, beta2: float,
+                eps: float, weight_decay: float) -> None:
+    """One tensor at a time. ``lr`` and ``drive`` may be floats or 0-d tensors (compiled path)."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt().add_(eps)
+        if weight_decay != 0:
+            decay_(p, lr, weight_decay)
+        step_(p, m, lr, drive, denom)
+
+
+def navi_update_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        exp_avg_sqs: list[Tensor], lr: float, drive: float, beta1: float,
+                        beta2: float, eps: float, weight_decay: float) -> None:
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * drive)
+
+
+class EmoNavi(EmoOptimizer):
+    """EmoNavi (v3.6.1): Adam without bias correction, with emoDrive, brake and shadow.
+
+    Every step reads the training loss. Short, medium and long running averages of it give the
+    emotion scalar ``s`` (positive while the loss falls). The step is boosted 4-6x while
+    ``0.25 < |s| < 0.5``, braked to ``1 - |s|`` beyond 0.75, and with ``use_shadow`` the weights
+    are blended toward a slow shadow copy when ``|s| > 0.625``. ``should_stop`` turns True when
+    the scalar has stayed quiet for 32 steps.
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: learning rate (the author recommends 6e-5 for LoRA).
+        betas: decay of the first and second moments.
+        eps: added to the root of the second moment.
+        weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p`` (not boosted).
+        use_shadow: keep a shadow copy of each parameter and blend toward it on big swings.
+        sync_loss: average the loss across ``torch.distributed`` processes before use, so all
+            ranks take identical steps.
+        foreach: multi-tensor ``torch._foreach_*`` update (default: on for CPU and CUDA).
+        fused: ``torch.compile``-d multi-tensor update, the fastest path after a one-time
+            compilation; falls back to eager if compilation fails.
+        state_dtype: dtype of the optimizer state (default: the parameter's); ``torch.float32``
+            keeps fp32 moments for fp16/bf16 parameters.
+        writer: optional TensorBoard ``SummaryWriter``, as in the reference.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = EmoNavi(model.parameters(), lr=1e-3)
+        >>> loss = model(torch.ones(2, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> optimizer.step(loss=loss)
+        tensor(...)
+    """
+
+    _history_source = "early"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.995),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        use_shadow: bool = False,
+        sync_loss: bool = True,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        state_dtype: Union[None, str, torch.dtype] = None,
+        writer: Any = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, use_shadow=use_shadow, sync_loss=sync_loss,
+                         foreach=foreach, fused=fused, state_dtype=state_dtype, writer=writer)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        dtype = self._state_dtype_for(p)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        work, grads, writeback = self._compute_views(params)
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        beta1, beta2 = group["betas"]
+        lr, drive, wd = group["lr"], self._emotion.drive, group["weight_decay"]
+        for (device, dtype), lists in group_by_device_and_dtype([work, grads, exp_avgs, exp_avg_sqs]).items():
+            eps = self._eps(group["eps"], lists[3])
+            if self.fused:
+                update = self._compiled.setdefault((index, device, dtype), CompiledUpdate(navi_update, "EmoNavi"))
+                update(*lists, scalar_tensor(lr, lists[0][0]), scalar_tensor(drive, lists[0][0]),
+                       beta1, beta2, eps, wd)
+            elif self._use_foreach(lists[0]):
+                navi_update_foreach(*lists, lr, drive, beta1, beta2, eps, wd)
+            else:
+                navi_update(*lists, lr, drive, beta1, beta2, eps, wd)
+        self._write_back(writeback)
