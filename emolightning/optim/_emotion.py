@@ -45,6 +45,25 @@ def emo_drive(scalar: float) -> float:
     return 1.0
 
 
+def emotion_scalar(short: float, medium: float, long: float) -> tuple[float, float]:
+    """The v3.6.1 emotion scalar ``s`` and the "early" scalar from the three loss averages.
+
+    ``s > 0`` while the recent loss is below the long-run average (improving).
+    """
+    base_long = max(long, 1e-5)
+    base_medium = max(medium, 1e-5)
+    d_long = (long - short) / base_long
+    d_medium = (long - short) / base_medium
+    early = math.tanh(d_long)
+    # In exact arithmetic both sides are |long - short|: the medium branch is taken only
+    # through rounding, exactly as in the reference.
+    if abs(d_long) < 0.05:
+        return math.tanh(d_long), early
+    if abs(d_medium) * base_medium < abs(d_long) * base_long:
+        return math.tanh(d_medium), early
+    return math.tanh(d_long), early
+
+
 @dataclass(frozen=True)
 class EmotionSnapshot:
     """A read-only view of an optimizer's emotion after its latest step.
@@ -125,29 +144,10 @@ class Emotion:
         ema["short"] = 0.3 * loss + 0.7 * ema["short"]
         ema["medium"] = 0.05 * loss + 0.95 * ema["medium"]
         ema["long"] = 0.01 * loss + 0.99 * ema["long"]
-        short, medium, long = ema["short"], ema["medium"], ema["long"]
-
-        base_long = max(long, 1e-5)
-        base_medium = max(medium, 1e-5)
-        d_long = (long - short) / base_long
-        d_medium = (long - short) / base_medium
-        self.early = math.tanh(d_long)
-        # In exact arithmetic both sides are |long - short|: the medium branch is taken only
-        # through rounding, exactly as in the reference.
-        if abs(d_long) < 0.05:
-            scalar = math.tanh(d_long)
-        elif abs(d_medium) * base_medium < abs(d_long) * base_long:
-            scalar = math.tanh(d_medium)
-        else:
-            scalar = math.tanh(d_long)
-        self.scalar = scalar
-        magnitude = abs(scalar)
-        self.trust = math.copysign(1.0 - magnitude, scalar)
-        self.ratio = 1.0 - magnitude if (self.use_shadow and magnitude > 0.625) else 0.0
-        self.drive = emo_drive(scalar)
+        self._set_scalar(*emotion_scalar(ema["short"], ema["medium"], ema["long"]))
         if self.ratio > 0:
             self.blend_count += 1
-        self.history.append(self.early if self.history_source == "early" else scalar)
+        self.history.append(self.early if self.history_source == "early" else self.scalar)
         if _is_quiet(self.history):
             self.should_stop = True
 
@@ -191,9 +191,9 @@ class Emotion:
         self.steps_without_loss = int(state.get("steps_without_loss", 0))
         self.nonfinite_losses = int(state.get("nonfinite_losses", 0))
         self.blend_count = int(state.get("blend_count", 0))
-        self._restore_derived(float(state.get("scalar", 0.0)), float(state.get("early", 0.0)))
+        self._set_scalar(float(state.get("scalar", 0.0)), float(state.get("early", 0.0)))
 
-    def _restore_derived(self, scalar: float, early: float) -> None:
+    def _set_scalar(self, scalar: float, early: float) -> None:
         self.scalar, self.early = scalar, early
         magnitude = abs(scalar)
         self.trust = math.copysign(1.0 - magnitude, scalar)
@@ -240,14 +240,12 @@ class LegacyEmotion(Emotion):
         if self.ema is None:
             self.ema = {"short": loss, "long": loss}
         update_legacy_ema(self.ema, loss)
-        self.scalar = legacy_scalar(self.ema["short"], self.ema["long"])
-        self.early = self.scalar
-        self.drive = 1.0 - abs(self.scalar)
+        self._set_scalar(legacy_scalar(self.ema["short"], self.ema["long"]), 0.0)
         self.history.append(self.scalar)
         if _is_quiet(self.history):
             self.should_stop = True
 
-    def _restore_derived(self, scalar: float, early: float) -> None:
+    def _set_scalar(self, scalar: float, early: float) -> None:
         self.scalar = self.early = scalar
         self.trust, self.ratio = 1.0, 0.0
         self.drive = 1.0 - abs(scalar)

@@ -52,6 +52,14 @@ def _fresh_copy(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+def _lift_0d(arg: Any) -> Any:
+    # Inductor treats 0-d CPU tensors as numbers and drops in-place updates to them (torch
+    # 2.13); a 1-element view updates the same storage.
+    if isinstance(arg, list):
+        return [t.view(1) if isinstance(t, Tensor) and t.dim() == 0 else t for t in arg]
+    return arg
+
+
 class CompiledUpdate:
     """A multi-tensor update run through ``torch.compile``, with the eager function as fallback.
 
@@ -72,7 +80,7 @@ class CompiledUpdate:
                 if self._compiled is None:
                     self._compiled = torch.compile(_fresh_copy(self.eager), fullgraph=True,
                                                    dynamic=False)
-                self._compiled(*args, **kwargs)
+                self._compiled(*(_lift_0d(a) for a in args), **kwargs)
                 return
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back
                 self.failed = True
