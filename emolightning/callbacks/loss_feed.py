@@ -1,0 +1,48 @@
+"""EmoLossFeed: hands every micro-batch's training loss to the Emo optimizers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+
+class EmoLossFeed(Callback):
+    """Feed the training loss to every Emo optimizer of the Trainer, before each backward pass.
+
+    In automatic optimization Lightning passes the optimizer a closure that returns the loss,
+    and the Emo optimizers read it from there. Two cases need this callback:
+
+    * ``precision="16-mixed"``: Lightning runs the closure itself and steps through the
+      GradScaler, so the optimizer receives no closure and no loss.
+    * ``accumulate_grad_batches > 1``: the closure returns only the last micro-batch's loss,
+      divided by the number of micro-batches. With the feed, the optimizer uses the mean of the
+      window's micro-batch losses.
+
+    The loss fed is the one given to ``backward``, with the GradScaler's scale and Lightning's
+    accumulation division undone. In a distributed run each process feeds its own loss and the
+    optimizer averages them across processes at the step. With any other optimizer this
+    callback does nothing.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from emolightning.callbacks import EmoLossFeed
+        >>> trainer = pl.Trainer(callbacks=[EmoLossFeed()], accumulate_grad_batches=4)
+    """
+
+    @override
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
+        optimizers = [opt for opt in trainer.optimizers if callable(getattr(opt, "feed_loss", None))]
+        if not optimizers:
+            return
+        value = loss.detach()
+        scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            value = value / scaler.get_scale()
+        if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            value = value * trainer.accumulate_grad_batches
+        for optimizer in optimizers:
+            optimizer.feed_loss(value)

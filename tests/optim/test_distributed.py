@@ -1,0 +1,65 @@
+"""Two CPU processes (gloo): the rank-mean loss keeps replicas bit-identical."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
+
+WORLD_SIZE = 2
+STEPS = 25
+
+
+def _train(cls, sync_loss, rank):
+    torch.manual_seed(0)  # identical initial weights on both ranks
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = cls(ddp.parameters(), lr=3e-2, use_shadow=True, sync_loss=sync_loss)
+    generator = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    for _ in range(STEPS):
+        x = torch.randn(16, 6, generator=generator)
+        y = x.sum(dim=1, keepdim=True) * (1 + rank)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        optimizer.step(lambda: loss)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), optimizer.snapshot()
+
+
+def _worker(rank, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        for cls in (EmoNavi, EmoFact, EmoLynx, EmoClan):
+            flat, snap = _train(cls, sync_loss=True, rank=rank)
+            gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+            dist.all_gather(gathered, flat)
+            assert torch.equal(gathered[0], gathered[1]), f"{cls.__name__}: ranks drifted apart"
+            scalars = [None] * WORLD_SIZE
+            dist.all_gather_object(scalars, (snap.scalar, snap.drive, snap.loss))
+            assert scalars[0] == scalars[1]
+            assert snap.drive != 1.0 or snap.blend_count > 0 or cls is EmoClan  # emotion was active
+
+        # Without the rank mean, each rank feeds its own loss and the replicas drift.
+        flat, _ = _train(EmoNavi, sync_loss=False, rank=rank)
+        gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, flat)
+        assert not torch.equal(gathered[0], gathered[1])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank_mean_loss_keeps_parameters_bit_identical(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=WORLD_SIZE, join=True)
+
+
+def test_without_a_process_group_the_local_loss_is_used():
+    p = torch.nn.Parameter(torch.ones(2))
+    optimizer = EmoNavi([p], lr=1e-3)
+    p.grad = torch.ones(2)
+    optimizer.step(loss=0.5)
+    assert optimizer.snapshot().loss == 0.5
