@@ -15,7 +15,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from emolightning.optim._emotion import Emotion, EmotionSnapshot
-from emolightning.optim._multi_tensor import check_gradients, floored_eps
+from emolightning.optim._multi_tensor import (
+    CompiledUpdate, check_gradients, group_by_device_and_dtype, scalar_tensor,
+)
 
 LossLike = Union[float, int, Tensor]
 _STRING_STATE_KEYS = ("ema", "scalar_hist", "global_ema", "global_scalar_hist")
@@ -87,7 +89,8 @@ class EmoOptimizer(Optimizer):
         self._fed_sum: Optional[Tensor] = None
         self._fed_count = 0
         self._warned_no_loss = False
-        self._compiled: dict[Any, Any] = {}
+        self._compiled: dict[Any, CompiledUpdate] = {}
+        self._plans: dict[int, tuple] = {}
 
     def _make_emotion(self) -> Emotion:
         return Emotion(use_shadow=self.use_shadow, history_source=self._history_source)
@@ -220,32 +223,76 @@ class EmoOptimizer(Optimizer):
             self._update_group(index, group, params)
 
     def _compute_views(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list]:
-        """Parameters and gradients in the state dtype (copies only where the dtypes differ)."""
+        """Parameters and gradients as the update kernels take them: in the state dtype (copies
+        only where the dtypes differ), 0-d tensors as 1-element views, gradients laid out like
+        their parameters."""
+        grads = [p.grad for p in params]
+        if self.state_dtype is None and all(map(Tensor.is_contiguous, grads)) and all(
+                map(Tensor.is_contiguous, params)) and all(map(Tensor.dim, params)):
+            return params, grads, []  # the common case, checked cheaply
         work, grads, writeback = [], [], []
         for p in params:
             dtype = self._state_dtype_for(p)
-            if p.dtype == dtype:
-                work.append(p)
-                grads.append(p.grad)
-            else:
+            g = p.grad
+            if g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)
+            if p.dtype != dtype:
                 copy = p.detach().to(dtype)
-                work.append(copy)
-                grads.append(p.grad.to(dtype))
                 writeback.append((p, copy))
+                p, g = copy, g.to(dtype)
+            if p.dim() == 0:
+                p, g = p.view(1), g.view(1)
+            work.append(p)
+            grads.append(g)
         return work, grads, writeback
+
+    def _state_list(self, params: list[Tensor], key: str) -> list[Tensor]:
+        tensors = [self.state[p][key] for p in params]
+        return [t.view(1) if t.dim() == 0 else t for t in tensors]
 
     @staticmethod
     def _write_back(writeback: list) -> None:
         for p, copy in writeback:
             p.copy_(copy)
 
-    def _eps(self, eps: float, tensors: list[Tensor]) -> float:
-        return min((floored_eps(eps, t.dtype) for t in tensors), default=eps)
+    def _buckets(self, index: int, lists: list[list]) -> dict[tuple[torch.device, torch.dtype], list[list]]:
+        """``lists`` split by the device and dtype of the first list's tensors; the split is
+        remembered while the group's parameters stay the same."""
+        first = lists[0]
+        key = tuple((id(t), t.shape, t.dtype) for t in first)
+        cached = self._plans.get(index)
+        if cached is None or cached[0] != key:
+            # new parameters (or shapes): forget compiled updates made for the old ones
+            self._compiled = {k: v for k, v in self._compiled.items() if k[0] != index}
+            kinds = {(t.device, t.dtype) for t in first}
+            cached = (key, next(iter(kinds)) if len(kinds) == 1 else None)
+            self._plans[index] = cached
+        if cached[1] is not None:
+            return {cached[1]: lists}
+        return group_by_device_and_dtype(lists)
 
-    def _use_foreach(self, params: list[Tensor]) -> bool:
+    def _dispatch(self, index: int, bucket: tuple, name: str, fn: Callable[..., None],
+                  foreach_fn: Optional[Callable[..., None]], lists: list[list], lr: float,
+                  drive: float, *args: Any) -> None:
+        """Run one bucket's update on the compiled, foreach or per-tensor path."""
+        device = bucket[0]
+        if self.fused:
+            update = self._compiled.get((index, bucket, name))
+            if update is None:
+                update = self._compiled[(index, bucket, name)] = CompiledUpdate(fn, type(self).__name__)
+            like = next(t for column in lists for t in column)
+            update(*lists, scalar_tensor(lr, like), scalar_tensor(drive, like), *args)
+        elif foreach_fn is not None and self._use_foreach(device):
+            foreach_fn(*lists, lr, drive, *args)
+        else:
+            fn(*lists, lr, drive, *args)
+
+    def _use_foreach(self, device: torch.device) -> bool:
         if self.foreach is not None:
             return self.foreach
-        return not torch.jit.is_scripting() and all(p.device.type in ("cpu", "cuda") for p in params)
+        # torch's foreach kernels are fused on CUDA; on the CPU they loop, and the plain
+        # per-tensor update is faster (see docs/results.md).
+        return device.type == "cuda"
 
     # ------------------------------------------------------------------------------- shadow
     def _apply_shadow(self, params: list[Tensor]) -> None:

@@ -52,19 +52,12 @@ def _fresh_copy(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def _lift_0d(arg: Any) -> Any:
-    # Inductor treats 0-d CPU tensors as numbers and drops in-place updates to them (torch
-    # 2.13); a 1-element view updates the same storage.
-    if isinstance(arg, list):
-        return [t.view(1) if isinstance(t, Tensor) and t.dim() == 0 else t for t in arg]
-    return arg
-
-
 class CompiledUpdate:
     """A multi-tensor update run through ``torch.compile``, with the eager function as fallback.
 
-    The first call compiles (once per set of parameter shapes, then cached by torch on disk);
-    if compilation is unavailable or fails, a warning is given once and the eager function is
+    The first call compiles (then torch caches the kernels on disk). Callers must pass tensors
+    of the same shapes, dtypes and strides on every call: 0-d tensors as 1-element views, since
+    Inductor treats 0-d CPU tensors as numbers and drops in-place updates to them. If compilation is unavailable or fails, a warning is given once and the eager function is
     used from then on.
     """
 
@@ -79,8 +72,8 @@ class CompiledUpdate:
             try:
                 if self._compiled is None:
                     self._compiled = torch.compile(_fresh_copy(self.eager), fullgraph=True,
-                                                   dynamic=False)
-                self._compiled(*(_lift_0d(a) for a in args), **kwargs)
+                                                   dynamic=False, options={"size_asserts": False})
+                self._compiled(*args, **kwargs)
                 return
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back
                 self.failed = True
@@ -101,7 +94,7 @@ def check_gradients(params: Iterable[Tensor], optimizer: str) -> None:
                 f"{optimizer} does not support sparse gradients (a parameter of shape "
                 f"{tuple(p.shape)} got one); use a dense embedding or torch.optim.SparseAdam."
             )
-        if torch.is_complex(grad) or torch.is_complex(p):
+        if grad.is_complex():
             raise RuntimeError(
                 f"{optimizer} does not support complex parameters or gradients (shape "
                 f"{tuple(p.shape)}); view them as real with torch.view_as_real."

@@ -10,7 +10,7 @@ from torch import Tensor
 from emolightning.optim._base import EmoOptimizer, _validate
 from emolightning.optim._emotion import Emotion, LegacyEmotion, legacy_scalar, legacy_shadow_ratio, update_legacy_ema
 from emolightning.optim._multi_tensor import (
-    CompiledUpdate, group_by_device_and_dtype, scalar_tensor, step_,
+    step_,
 )
 from emolightning.optim.emolynx import lynx_update, lynx_update_foreach
 
@@ -154,42 +154,33 @@ class EmoClan(EmoOptimizer):
 
     def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         branch = self._branch()
-        states = [self._branch_state(p, branch) for p in params]
+        for p in params:
+            self._branch_state(p, branch)
         work, grads, writeback = self._compute_views(params)
-        lr, scale = group["lr"], self._emotion.drive
         beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
-        if branch == "lynx":
-            if group["decoupled_weight_decay"]:
-                wd = wd / self._init_lr
-            lists = [work, grads, [s["exp_avg_lynx"] for s in states]]
-            fn, foreach_fn, args = lynx_update, lynx_update_foreach, (*group["lynx_betas"], wd)
-        elif branch == "navi":
-            lists = [work, grads, [s["exp_avg_navi"] for s in states], [s["exp_avg_sq_navi"] for s in states]]
-            fn, foreach_fn, args = clan_navi_update, None, (beta1, beta2, group["eps"], wd)
-        else:
-            lists = [work, grads, states, params]
-            fn, foreach_fn, args = clan_fact_update, None, (beta1, beta2, group["eps"], wd)
-        for (device, dtype), bucket in group_by_device_and_dtype(lists).items():
-            if branch == "fact":
-                bucket = self._fact_lists(*bucket)
-            if self.fused:
-                update = self._compiled.setdefault((index, device, dtype, branch), CompiledUpdate(fn, f"EmoClan/{branch}"))
-                update(*bucket, scalar_tensor(lr, bucket[0][0] if bucket[0] else bucket[4][0]),
-                       scalar_tensor(scale, bucket[0][0] if bucket[0] else bucket[4][0]), *args)
-            elif foreach_fn is not None and self._use_foreach(bucket[0]):
-                foreach_fn(*bucket, lr, scale, *args)
+        eps, wd = group["eps"], group["weight_decay"]
+        for bucket, (ps, gs, owners) in self._buckets(index, [work, grads, params]).items():
+            if branch == "lynx":
+                if group["decoupled_weight_decay"]:
+                    wd = wd / self._init_lr
+                columns = [ps, gs, self._state_list(owners, "exp_avg_lynx")]
+                rule, foreach_rule, args = lynx_update, lynx_update_foreach, (*group["lynx_betas"], wd)
+            elif branch == "navi":
+                columns = [ps, gs, self._state_list(owners, "exp_avg_navi"),
+                           self._state_list(owners, "exp_avg_sq_navi")]
+                rule, foreach_rule, args = clan_navi_update, None, (beta1, beta2, eps, wd)
             else:
-                fn(*bucket, lr, scale, *args)
+                matrix = [i for i, p in enumerate(owners) if p.dim() >= 2]
+                vector = [i for i, p in enumerate(owners) if p.dim() < 2]
+                columns = [
+                    [ps[i] for i in matrix], [gs[i] for i in matrix],
+                    self._state_list([owners[i] for i in matrix], "exp_avg_r_fact"),
+                    self._state_list([owners[i] for i in matrix], "exp_avg_c_fact"),
+                    [ps[i] for i in vector], [gs[i] for i in vector],
+                    self._state_list([owners[i] for i in vector], "exp_avg_fact"),
+                    self._state_list([owners[i] for i in vector], "exp_avg_sq_fact"),
+                ]
+                rule, foreach_rule, args = clan_fact_update, None, (beta1, beta2, eps, wd)
+            self._dispatch(index, bucket, branch, rule, foreach_rule, columns, group["lr"],
+                           self._emotion.drive, *args)
         self._write_back(writeback)
-
-    @staticmethod
-    def _fact_lists(work: list[Tensor], grads: list[Tensor], states: list[dict], params: list[Tensor]) -> list[list]:
-        matrix = [i for i, p in enumerate(work) if p.dim() >= 2]
-        vector = [i for i, p in enumerate(work) if p.dim() < 2]
-        return [
-            [work[i] for i in matrix], [grads[i] for i in matrix],
-            [states[i]["exp_avg_r_fact"] for i in matrix], [states[i]["exp_avg_c_fact"] for i in matrix],
-            [work[i] for i in vector], [grads[i] for i in vector],
-            [states[i]["exp_avg_fact"] for i in vector], [states[i]["exp_avg_sq_fact"] for i in vector],
-        ]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer
 from emolightning.optim._multi_tensor import (
-    CompiledUpdate, decay_, group_by_device_and_dtype, scalar_tensor, step_,
+    decay_, floored_eps, step_,
 )
 
 
@@ -112,24 +112,17 @@ class EmoFact(EmoOptimizer):
 
     def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         work, grads, writeback = self._compute_views(params)
-        beta1, beta2 = group["betas"]
-        lr, drive, wd = group["lr"], self._emotion.drive, group["weight_decay"]
-        for (device, dtype), (ps, gs, owners) in group_by_device_and_dtype([work, grads, params]).items():
-            matrix = [i for i, p in enumerate(ps) if p.dim() >= 2]
-            vector = [i for i, p in enumerate(ps) if p.dim() < 2]
-            lists = (
+        for bucket, (ps, gs, owners) in self._buckets(index, [work, grads, params]).items():
+            matrix = [i for i, p in enumerate(owners) if p.dim() >= 2]
+            vector = [i for i, p in enumerate(owners) if p.dim() < 2]
+            columns = [
                 [ps[i] for i in matrix], [gs[i] for i in matrix],
-                [self.state[owners[i]]["exp_avg_r"] for i in matrix],
-                [self.state[owners[i]]["exp_avg_c"] for i in matrix],
+                self._state_list([owners[i] for i in matrix], "exp_avg_r"),
+                self._state_list([owners[i] for i in matrix], "exp_avg_c"),
                 [ps[i] for i in vector], [gs[i] for i in vector],
-                [self.state[owners[i]]["exp_avg_sq"] for i in vector],
-            )
-            eps = self._eps(group["eps"], lists[2] + lists[6])
-            if self.fused:
-                update = self._compiled.setdefault((index, device, dtype), CompiledUpdate(fact_update, "EmoFact"))
-                update(*lists, scalar_tensor(lr, ps[0]), scalar_tensor(drive, ps[0]), beta1, beta2, eps, wd)
-            elif self._use_foreach(ps):
-                fact_update_foreach(*lists, lr, drive, beta1, beta2, eps, wd)
-            else:
-                fact_update(*lists, lr, drive, beta1, beta2, eps, wd)
+                self._state_list([owners[i] for i in vector], "exp_avg_sq"),
+            ]
+            self._dispatch(index, bucket, "fact", fact_update, fact_update_foreach, columns,
+                           group["lr"], self._emotion.drive, *group["betas"],
+                           floored_eps(group["eps"], bucket[1]), group["weight_decay"])
         self._write_back(writeback)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer
 from emolightning.optim._multi_tensor import (
-    CompiledUpdate, group_by_device_and_dtype, scalar_tensor, step_,
+    step_,
 )
 
 
@@ -79,15 +79,8 @@ class EmoLynx(EmoOptimizer):
 
     def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         work, grads, writeback = self._compute_views(params)
-        exp_avgs = [self.state[p]["exp_avg"] for p in params]
-        beta1, beta2 = group["betas"]
-        lr, drive, wd = group["lr"], self._emotion.drive, group["weight_decay"]
-        for (device, dtype), lists in group_by_device_and_dtype([work, grads, exp_avgs]).items():
-            if self.fused:
-                update = self._compiled.setdefault((index, device, dtype), CompiledUpdate(lynx_update, "EmoLynx"))
-                update(*lists, scalar_tensor(lr, lists[0][0]), scalar_tensor(drive, lists[0][0]), beta1, beta2, wd)
-            elif self._use_foreach(lists[0]):
-                lynx_update_foreach(*lists, lr, drive, beta1, beta2, wd)
-            else:
-                lynx_update(*lists, lr, drive, beta1, beta2, wd)
+        lists = [work, grads, self._state_list(params, "exp_avg")]
+        for bucket, columns in self._buckets(index, lists).items():
+            self._dispatch(index, bucket, "lynx", lynx_update, lynx_update_foreach, columns,
+                           group["lr"], self._emotion.drive, *group["betas"], group["weight_decay"])
         self._write_back(writeback)

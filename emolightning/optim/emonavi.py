@@ -9,7 +9,7 @@ from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer
 from emolightning.optim._multi_tensor import (
-    CompiledUpdate, decay_, group_by_device_and_dtype, scalar_tensor, step_,
+    decay_, floored_eps, step_,
 )
 
 
@@ -102,18 +102,10 @@ class EmoNavi(EmoOptimizer):
 
     def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         work, grads, writeback = self._compute_views(params)
-        exp_avgs = [self.state[p]["exp_avg"] for p in params]
-        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        lists = [work, grads, self._state_list(params, "exp_avg"), self._state_list(params, "exp_avg_sq")]
         beta1, beta2 = group["betas"]
-        lr, drive, wd = group["lr"], self._emotion.drive, group["weight_decay"]
-        for (device, dtype), lists in group_by_device_and_dtype([work, grads, exp_avgs, exp_avg_sqs]).items():
-            eps = self._eps(group["eps"], lists[3])
-            if self.fused:
-                update = self._compiled.setdefault((index, device, dtype), CompiledUpdate(navi_update, "EmoNavi"))
-                update(*lists, scalar_tensor(lr, lists[0][0]), scalar_tensor(drive, lists[0][0]),
-                       beta1, beta2, eps, wd)
-            elif self._use_foreach(lists[0]):
-                navi_update_foreach(*lists, lr, drive, beta1, beta2, eps, wd)
-            else:
-                navi_update(*lists, lr, drive, beta1, beta2, eps, wd)
+        for bucket, columns in self._buckets(index, lists).items():
+            self._dispatch(index, bucket, "navi", navi_update, navi_update_foreach, columns,
+                           group["lr"], self._emotion.drive, beta1, beta2,
+                           floored_eps(group["eps"], bucket[1]), group["weight_decay"])
         self._write_back(writeback)

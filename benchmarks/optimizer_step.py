@@ -1,0 +1,137 @@
+"""Optimizer step time and state size of the Emo optimizers against their peers, in one run.
+
+Peers: torch's AdamW (fused=True: the fastest CPU optimizer in torch; foreach=True) and the
+``pytorch-optimizer`` package's EmoNavi/EmoFact/EmoLynx port, when installed. Candidates are
+interleaved round by round so that machine noise hits all of them alike; the per-step median
+of each is reported with its ratio to AdamW(fused) and AdamW(foreach).
+
+    python benchmarks/optimizer_step.py                 # both sets, every path
+    python benchmarks/optimizer_step.py --sets lora --rounds 5
+
+Sets: ``lora``: 256 LoRA-shaped fp32 tensors (rank 16 against 768/1280 features, ~4.4M
+elements); ``large``: 8 tensors of 2048x2048 (33.5M elements).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
+
+EMO = {"EmoNavi": EmoNavi, "EmoFact": EmoFact, "EmoLynx": EmoLynx, "EmoClan": EmoClan}
+
+
+def lora_shapes() -> list[tuple[int, ...]]:
+    shapes = []
+    for i in range(128):
+        features = 768 if i % 2 == 0 else 1280
+        shapes += [(16, features), (features, 16)]
+    return shapes
+
+
+SETS = {"lora": lora_shapes, "large": lambda: [(2048, 2048)] * 8}
+
+
+def make_params(shapes) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
+        p.grad = torch.randn(shape, generator=generator) * 1e-3
+        params.append(p)
+    return params
+
+
+def candidates(paths: list[str]) -> dict[str, Callable]:
+    out: dict[str, Callable] = {
+        "AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+        "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+    }
+    try:
+        import pytorch_optimizer as po
+
+        for name in ("EmoNavi", "EmoFact", "EmoLynx"):
+            out[f"pytorch_optimizer.{name}"] = (lambda cls: lambda ps: cls(ps, lr=1e-4))(getattr(po, name))
+    except ImportError:
+        print("pytorch-optimizer is not installed: its port is left out (pip install pytorch-optimizer)")
+    options = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    for name, cls in EMO.items():
+        for path in paths:
+            out[f"{name}({path})"] = (lambda cls, kw: lambda ps: cls(ps, lr=1e-4, **kw))(cls, options[path])
+    return out
+
+
+def state_bytes_per_element(optimizer, params) -> float:
+    total = 0
+    for p in params:
+        for value in optimizer.state[p].values():
+            if torch.is_tensor(value) and value.numel() > 1:
+                total += value.numel() * value.element_size()
+    return total / sum(p.numel() for p in params)
+
+
+def bench_set(name: str, paths: list[str], rounds: int, steps: int) -> None:
+    shapes = SETS[name]()
+    built = {}
+    for label, factory in candidates(paths).items():
+        params = make_params(shapes)
+        optimizer = factory(params)
+        start = time.perf_counter()
+        step(optimizer, 0)
+        built[label] = (optimizer, params, time.perf_counter() - start)
+    times: dict[str, list[float]] = {label: [] for label in built}
+    for r in range(rounds):
+        for label, (optimizer, _, _) in built.items():
+            step(optimizer, 1 + r * steps)
+            start = time.perf_counter()
+            for k in range(steps):
+                step(optimizer, 2 + r * steps + k)
+            times[label].append((time.perf_counter() - start) / steps)
+    elements = sum(torch.Size(s).numel() for s in shapes)
+    median = {label: statistics.median(values) for label, values in times.items()}
+    fused, foreach = median["AdamW(fused)"], median["AdamW(foreach)"]
+    print(f"\n## {name}: {len(shapes)} tensors, {elements / 1e6:.1f}M elements, "
+          f"{rounds} rounds x {steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| optimizer | ms/step | vs AdamW(fused) | AdamW(foreach) / this | first step s | state B/elem |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, value in median.items():
+        optimizer, params, first = built[label]
+        print(f"| {label} | {value * 1e3:.2f} | {value / fused:.2f}x | {foreach / value:.2f}x | "
+              f"{first:.1f} | {state_bytes_per_element(optimizer, params):.1f} |")
+    for family in EMO:
+        for path in paths:
+            label = f"{family}({path})"
+            port = median.get(f"pytorch_optimizer.{family}")
+            if port is not None:
+                print(f"{label}: {port / median[label]:.2f}x faster than pytorch_optimizer.{family}")
+
+
+def step(optimizer, k: int) -> None:
+    loss = 1.0 / (1.0 + 0.05 * k)  # a falling loss: the emotion (and emoDrive) changes step to step
+    if hasattr(optimizer, "feed_loss"):
+        optimizer.step(loss=loss)
+    else:
+        optimizer.step(lambda: torch.tensor(loss))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--paths", nargs="+", default=["loop", "foreach", "fused"],
+                        choices=["loop", "foreach", "fused"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in args.sets:
+        bench_set(name, args.paths, args.rounds, args.steps)
+
+
+if __name__ == "__main__":
+    main()
