@@ -248,6 +248,8 @@ class EmoOptimizer(Optimizer):
 
     def _state_list(self, params: list[Tensor], key: str) -> list[Tensor]:
         tensors = [self.state[p][key] for p in params]
+        if all(map(Tensor.dim, tensors)):
+            return tensors
         return [t.view(1) if t.dim() == 0 else t for t in tensors]
 
     @staticmethod

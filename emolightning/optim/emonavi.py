@@ -58,7 +58,8 @@ class EmoNavi(EmoOptimizer):
         use_shadow: keep a shadow copy of each parameter and blend toward it on big swings.
         sync_loss: average the loss across ``torch.distributed`` processes before use, so all
             ranks take identical steps.
-        foreach: multi-tensor ``torch._foreach_*`` update (default: on for CPU and CUDA).
+        foreach: multi-tensor ``torch._foreach_*`` update (default: on for CUDA, where it is
+            fused; on the CPU the per-tensor update is faster).
         fused: ``torch.compile``-d multi-tensor update, the fastest path after a one-time
             compilation; falls back to eager if compilation fails.
         state_dtype: dtype of the optimizer state (default: the parameter's); ``torch.float32``

@@ -2,14 +2,13 @@
 
 import io
 import math
-import warnings
 from collections import deque
 
 import pytest
 import torch
 
 from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
-from tests.optim.conftest import ALL_OPTIMIZERS, MODERN, regression_loss, regression_params
+from tests.optim.conftest import MODERN, regression_loss, regression_params
 
 SHAPES = [(), (7,), (5, 3), (4, 3, 3, 2)]
 
