@@ -1,0 +1,51 @@
+"""Helpers shared by the callbacks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import lightning.pytorch as pl
+from torch.optim import Optimizer
+
+
+def emo_optimizers(trainer: "pl.Trainer") -> list[Optimizer]:
+    """The Trainer's optimizers that carry an emotion (anything with ``snapshot()``)."""
+    return [opt for opt in trainer.optimizers if callable(getattr(opt, "snapshot", None))]
+
+
+def group_lrs(trainer: "pl.Trainer") -> list[list[float]]:
+    return [[float(group["lr"]) for group in opt.param_groups] for opt in trainer.optimizers]
+
+
+def scale_lrs(trainer: "pl.Trainer", factor: float) -> None:
+    """Multiply every param group's LR by ``factor``, in the optimizers and in every attached
+    scheduler's ``base_lrs``, so that closed-form schedulers (LambdaLR, OneCycleLR, cosine
+    restarts) do not undo the change at their next step."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+    for config in trainer.lr_scheduler_configs:
+        scheduler: Any = config.scheduler
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def save_checkpoint_atomically(trainer: "pl.Trainer", path: Union[str, Path]) -> Path:
+    """``trainer.save_checkpoint`` to a temporary name, renamed into place on rank 0.
+
+    Call it on every rank (some strategies gather state for the save)."""
+    path = Path(path)
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    trainer.save_checkpoint(temporary)
+    if trainer.is_global_zero:
+        os.replace(temporary, path)
+    trainer.strategy.barrier("emolightning_checkpoint")
+    return path

@@ -1,0 +1,318 @@
+"""PlateauContinuation: when learning stalls, continue at a lower learning rate."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import override
+
+from emolightning.callbacks._util import emo_optimizers, group_lrs, save_checkpoint_atomically, scale_lrs
+
+SHOULD_STOP = "should_stop"
+TRAIN_LOSS = "train_loss"
+
+
+class PlateauContinuation(Callback):
+    """Start a lower-LR continuation stage whenever training reaches a plateau.
+
+    The Emo optimizers' author trains at a constant LR and, when progress stalls, continues
+    ("additional training") at a lower LR with nothing carried over. This callback does that
+    inside one run. At each plateau it saves a stage checkpoint (and, when the LightningModule
+    has an ``export_lora(path)`` method, the stage's LoRA file), lowers the LR of every param
+    group (in any attached scheduler too, so the scheduler does not undo it), resets the Emo
+    optimizers' emotion and ``should_stop`` (and optionally their moments: the "fresh start"),
+    and logs the new stage. After the plateau of the last stage it stops training.
+
+    A plateau is either the Emo optimizers' ``should_stop`` signal (``monitor="should_stop"``),
+    or no relative improvement of at least ``min_delta`` in ``patience`` checks of a value:
+    the training loss averaged over the last ``window`` steps (``monitor="train_loss"``) or any
+    logged metric such as a validation loss. Every decision is reduced across processes, so all
+    ranks change stage on the same step.
+
+    Args:
+        monitor: ``"should_stop"``, ``"train_loss"`` or the name of a logged metric.
+        mode: ``"min"`` or ``"max"`` for a monitored value.
+        patience: checks without enough improvement before a plateau is declared.
+        min_delta: relative improvement that counts (0.01 = 1 %).
+        window: optimizer steps averaged for ``"train_loss"``.
+        check_every_n_steps: check after every N optimizer steps; ``None`` checks at the end of
+            each training epoch (after validation, so validation metrics are fresh).
+        lr_factor: each new stage multiplies every group's LR by this.
+        lrs: alternatively, the LR of each continuation stage for the first param group (the
+            others keep their ratio to it); its length sets the number of stages.
+        max_stages: number of continuation stages after the first (ignored with ``lrs``).
+        min_steps_per_stage: no plateau is declared earlier in a stage.
+        cooldown: checks ignored right after a stage change.
+        reset_moments: also drop the optimizers' per-parameter state at a stage change.
+        dirpath: where stage checkpoints go (default: ``<default_root_dir>/stages``).
+        save_stage_checkpoints: save a Lightning checkpoint at each stage change.
+
+    Example:
+        >>> from emolightning.callbacks import EmoLossFeed, PlateauContinuation
+        >>> trainer = pl.Trainer(callbacks=[EmoLossFeed(), PlateauContinuation(lr_factor=0.5, max_stages=2)])
+    """
+
+    def __init__(
+        self,
+        monitor: str = SHOULD_STOP,
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.01,
+        window: int = 50,
+        check_every_n_steps: Optional[int] = 50,
+        lr_factor: float = 0.5,
+        lrs: Optional[list[float]] = None,
+        max_stages: int = 3,
+        min_steps_per_stage: int = 100,
+        cooldown: int = 0,
+        reset_moments: bool = False,
+        dirpath: Optional[Union[str, Path]] = None,
+        save_stage_checkpoints: bool = True,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"PlateauContinuation: mode must be 'min' or 'max', got {mode!r}")
+        if not 0.0 < lr_factor < 1.0:
+            raise ValueError(f"PlateauContinuation: lr_factor must be in (0, 1), got {lr_factor!r}")
+        if lrs is not None and (not lrs or any(not (lr > 0) for lr in lrs)):
+            raise ValueError(f"PlateauContinuation: lrs must be a non-empty list of positive LRs, got {lrs!r}")
+        for name, value, low in (("patience", patience, 1), ("window", window, 1),
+                                 ("max_stages", max_stages, 0), ("min_steps_per_stage", min_steps_per_stage, 0),
+                                 ("cooldown", cooldown, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"PlateauContinuation: {name} must be an integer >= {low}, got {value!r}")
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise ValueError(f"PlateauContinuation: check_every_n_steps must be >= 1 or None, got {check_every_n_steps!r}")
+        if min_delta < 0:
+            raise ValueError(f"PlateauContinuation: min_delta must be >= 0, got {min_delta!r}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.window, self.check_every_n_steps = window, check_every_n_steps
+        self.lr_factor, self.lrs = lr_factor, list(lrs) if lrs is not None else None
+        self.max_stages = len(self.lrs) if self.lrs is not None else max_stages
+        self.min_steps_per_stage, self.cooldown = min_steps_per_stage, cooldown
+        self.reset_moments = reset_moments
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.save_stage_checkpoints = save_stage_checkpoints
+        self._reset_progress()
+
+    def _reset_progress(self) -> None:
+        self.stage = 0
+        self.stage_start_step = 0
+        self.best: Optional[float] = None
+        self.wait = 0
+        self.cooldown_left = 0
+        self.losses: deque[float] = deque(maxlen=self.window)
+        self.stages: list[dict[str, Any]] = []
+        self.stop_reason: Optional[str] = None
+        self.lrs_now: Optional[list[list[float]]] = None
+        self._last_checked_step = -1
+        self._pending: list[float] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    # ------------------------------------------------------------------------------- hooks
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.monitor == SHOULD_STOP and not emo_optimizers(trainer):
+            raise ValueError(
+                "PlateauContinuation(monitor='should_stop') needs an Emo optimizer (EmoNavi, EmoFact, "
+                "EmoLynx or EmoClan); with another optimizer use monitor='train_loss' or a logged metric.")
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.stages:
+            self.stages.append(self._stage_record(trainer, 0))
+        if self.lrs_now is not None and not trainer.lr_scheduler_configs:
+            # a resumed run continues with the stage's LR (the optimizer state holds it too)
+            for optimizer, lrs in zip(trainer.optimizers, self.lrs_now):
+                for group, lr in zip(optimizer.param_groups, lrs):
+                    group["lr"] = lr
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss):
+            value = loss.detach().float().item()
+            if pl_module.automatic_optimization:
+                value *= trainer.accumulate_grad_batches  # Lightning divides it; undo that
+            self._pending.append(value)
+        step = trainer.global_step
+        if step == self._last_checked_step:
+            return  # no optimizer step on this batch (gradient accumulation)
+        self._last_checked_step = step
+        if self._pending:
+            self.losses.append(sum(self._pending) / len(self._pending))
+            self._pending.clear()
+        if self.check_every_n_steps is not None and step > 0 and step % self.check_every_n_steps == 0:
+            self._check(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.check_every_n_steps is None:
+            self._check(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.stages:
+            return
+        record = self.stages[-1]
+        record.setdefault("end_step", trainer.global_step)
+        if record.get("loss_out") is None:
+            record["loss_out"] = record.get("loss_last")
+        if trainer.is_global_zero:
+            Console().print(self.summary_table())
+            if self.stop_reason:
+                rank_zero_info(f"PlateauContinuation stopped training: {self.stop_reason}")
+
+    # ---------------------------------------------------------------------------- deciding
+    @staticmethod
+    def _rank_mean(trainer: "pl.Trainer", value: Any) -> float:
+        tensor = torch.as_tensor(value, dtype=torch.float64).to(trainer.strategy.root_device)
+        return float(trainer.strategy.reduce(tensor, reduce_op="mean"))
+
+    def _train_loss(self, trainer: "pl.Trainer") -> float:
+        """The training loss over the last ``window`` optimizer steps, averaged across ranks."""
+        local = sum(self.losses) / len(self.losses) if self.losses else math.nan
+        return self._rank_mean(trainer, local)
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - abs(self.best) * self.min_delta
+        return value > self.best + abs(self.best) * self.min_delta
+
+    def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking or self.stop_reason is not None:
+            return
+        train_loss = self._train_loss(trainer)
+        record = self.stages[-1]
+        if not math.isnan(train_loss):
+            if record["loss_in"] is None:
+                record["loss_in"] = train_loss
+            record["loss_last"] = train_loss
+        value: Optional[float] = None
+        if self.monitor == SHOULD_STOP:
+            quiet = any(opt.snapshot().should_stop for opt in emo_optimizers(trainer))
+            plateau = trainer.strategy.reduce_boolean_decision(quiet, all=False)
+        else:
+            if self.monitor == TRAIN_LOSS:
+                value = train_loss
+            else:
+                metric = trainer.callback_metrics.get(self.monitor)
+                value = None if metric is None else self._rank_mean(trainer, metric.detach())
+            if value is None or math.isnan(value):
+                return
+            if self._improved(value):
+                self.best, self.wait = value, 0
+            else:
+                self.wait += 1
+            plateau = self.wait >= self.patience
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            return
+        if plateau and trainer.global_step - self.stage_start_step >= self.min_steps_per_stage:
+            self._plateau(trainer, pl_module, value)
+
+    # ---------------------------------------------------------------------------- acting
+    def _stage_record(self, trainer: "pl.Trainer", stage: int) -> dict[str, Any]:
+        return {"stage": stage, "start_step": trainer.global_step, "lrs": group_lrs(trainer),
+                "loss_in": None, "loss_out": None}
+
+    def _stage_dir(self, trainer: "pl.Trainer") -> Path:
+        return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "stages"
+
+    def _plateau(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", value: Optional[float]) -> None:
+        step = trainer.global_step
+        record = self.stages[-1]
+        record["end_step"], record["loss_out"] = step, record.get("loss_last")
+        described = f"{self.monitor} = {value:.6g}" if value is not None else "the optimizer's should_stop"
+        if self.save_stage_checkpoints:
+            path = save_checkpoint_atomically(trainer, self._stage_dir(trainer) / f"stage{self.stage}-step{step}.ckpt")
+            record["checkpoint"] = str(path)
+            export = getattr(pl_module, "export_lora", None)
+            if callable(export) and trainer.is_global_zero:
+                record["lora"] = str(export(self._stage_dir(trainer) / f"stage{self.stage}-step{step}.safetensors"))
+        if self.stage >= self.max_stages:
+            self.stop_reason = (f"plateau in the last stage ({self.stage}) at step {step}, judged by {described}")
+            trainer.should_stop = True
+            self._log(trainer, step)
+            return
+        before = group_lrs(trainer)
+        factor = self._next_factor(trainer)
+        scale_lrs(trainer, factor)
+        for optimizer in emo_optimizers(trainer):
+            optimizer.reset_emotion(moments=self.reset_moments)
+        self.stage += 1
+        self.stage_start_step = step
+        self.best, self.wait, self.cooldown_left = None, 0, self.cooldown
+        self.losses.clear()
+        self.lrs_now = group_lrs(trainer)
+        self.stages.append(self._stage_record(trainer, self.stage))
+        self._log(trainer, step)
+        if trainer.is_global_zero:
+            first_before, first_after = before[0][0], self.lrs_now[0][0]
+            where = f", checkpoint {record['checkpoint']}" if "checkpoint" in record else ""
+            Console().print(f"[bold cyan]▸ stage {self.stage}[/] at step {step}: plateau ({described}); "
+                            f"lr {first_before:.3g} → {first_after:.3g}{where}")
+
+    def _next_factor(self, trainer: "pl.Trainer") -> float:
+        if self.lrs is None:
+            return self.lr_factor
+        current = trainer.optimizers[0].param_groups[0]["lr"]
+        return self.lrs[self.stage] / current
+
+    def _log(self, trainer: "pl.Trainer", step: int) -> None:
+        if trainer.logger is not None:
+            lrs = group_lrs(trainer)
+            trainer.logger.log_metrics({"plateau/stage": float(self.stage), "plateau/lr": lrs[0][0]}, step=step)
+
+    def summary_table(self) -> Table:
+        """The stages so far: steps, LR and the training loss (window mean) at entry and exit."""
+        table = Table(title=f"PlateauContinuation stages (plateau judged by {self.monitor})")
+        for column in ("stage", "steps", "lr", "loss at entry", "loss at exit"):
+            table.add_column(column, justify="right")
+        for record in self.stages:
+            end = record.get("end_step")
+            steps = f"{record['start_step']}–{end}" if end is not None else f"{record['start_step']}–"
+
+            def show(x: Optional[float]) -> str:
+                return "—" if x is None else f"{x:.5g}"
+
+            table.add_row(str(record["stage"]), steps, f"{record['lrs'][0][0]:.3g}",
+                          show(record.get("loss_in")), show(record.get("loss_out")))
+        return table
+
+    # ------------------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "stage_start_step": self.stage_start_step, "best": self.best,
+            "wait": self.wait, "cooldown_left": self.cooldown_left, "losses": list(self.losses),
+            "stages": self.stages, "stop_reason": self.stop_reason, "lrs_now": self.lrs_now,
+            "last_checked_step": self._last_checked_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage = int(state_dict["stage"])
+        self.stage_start_step = int(state_dict["stage_start_step"])
+        self.best = state_dict["best"]
+        self.wait = int(state_dict["wait"])
+        self.cooldown_left = int(state_dict["cooldown_left"])
+        self.losses = deque(state_dict["losses"], maxlen=self.window)
+        self.stages = [dict(record) for record in state_dict["stages"]]
+        self.stop_reason = state_dict["stop_reason"]
+        self.lrs_now = state_dict["lrs_now"]
+        self._last_checked_step = int(state_dict["last_checked_step"])
