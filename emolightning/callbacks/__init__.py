@@ -2,5 +2,6 @@
 
 from emolightning.callbacks.loss_feed import EmoLossFeed
 from emolightning.callbacks.plateau import PlateauContinuation
+from emolightning.callbacks.rank_consistency import RankConsistency
 
-__all__ = ["EmoLossFeed", "PlateauContinuation"]
+__all__ = ["EmoLossFeed", "PlateauContinuation", "RankConsistency"]
