@@ -3,5 +3,6 @@
 from emolightning.callbacks.loss_feed import EmoLossFeed
 from emolightning.callbacks.plateau import PlateauContinuation
 from emolightning.callbacks.rank_consistency import RankConsistency
+from emolightning.callbacks.shadow import ShadowCheckpoint
 
-__all__ = ["EmoLossFeed", "PlateauContinuation", "RankConsistency"]
+__all__ = ["EmoLossFeed", "PlateauContinuation", "RankConsistency", "ShadowCheckpoint"]
