@@ -1,8 +1,9 @@
 """Lightning callbacks for the Emo optimizers."""
 
 from emolightning.callbacks.loss_feed import EmoLossFeed
+from emolightning.callbacks.monitor import EmotionMonitor
 from emolightning.callbacks.plateau import PlateauContinuation
 from emolightning.callbacks.rank_consistency import RankConsistency
 from emolightning.callbacks.shadow import ShadowCheckpoint
 
-__all__ = ["EmoLossFeed", "PlateauContinuation", "RankConsistency", "ShadowCheckpoint"]
+__all__ = ["EmoLossFeed", "EmotionMonitor", "PlateauContinuation", "RankConsistency", "ShadowCheckpoint"]

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from emolightning.callbacks import EmoLossFeed, PlateauContinuation
+from emolightning.callbacks import EmoLossFeed, PlateauContinuation, ShadowCheckpoint
 from emolightning.optim import EmoNavi
 
 LR = 5e-2
@@ -171,6 +171,12 @@ class RankAgreement(pl.Callback):
         if trainer.is_global_zero:
             files = sorted(os.listdir(trainer.default_root_dir + "/stages"))
             assert len(files) == 3 and not any(name.endswith(".partial") for name in files), files
+            shadows = sorted(os.listdir(trainer.default_root_dir + "/shadow"))
+            assert shadows == ["shadow-stage0.safetensors", "shadow-stage1.safetensors"], shadows
+        shadow = next(cb for cb in trainer.callbacks if isinstance(cb, ShadowCheckpoint))
+        mine = torch.cat([t.flatten() for t in shadow.shadow.values()])
+        gathered = trainer.strategy.all_gather(mine)
+        assert torch.equal(gathered[0], gathered[1]), "the shadow differs across ranks"
 
 
 class PerRankData(pl.LightningDataModule):
@@ -186,6 +192,7 @@ def test_ddp_ranks_change_stage_together(tmp_path):
                          strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False,
-                         callbacks=[EmoLossFeed(), callback, RankAgreement(callback)])
+                         callbacks=[EmoLossFeed(), callback, ShadowCheckpoint(save_on_fit_end=False),
+                                    RankAgreement(callback)])
     trainer.fit(NoisyRegression(), datamodule=PerRankData())
     assert trainer.state.finished

@@ -1,0 +1,100 @@
+"""EmotionMonitor: per-step emotion in TensorBoard and CSV logs, and the end-of-fit plot."""
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from emolightning.callbacks import EmoLossFeed, EmotionMonitor, PlateauContinuation, ShadowCheckpoint
+from emolightning.optim import EmoLynx
+
+
+class Model(pl.LightningModule):
+    def __init__(self, emo=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(4, 1)
+        self.emo = emo
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        if self.emo:
+            return EmoLynx(self.parameters(), lr=2e-2)
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def _loader():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=generator)
+    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.3 * torch.randn(64, 1, generator=generator)),
+                      batch_size=8)
+
+
+def _fit(tmp_path, logger, callbacks, module=None, epochs=6):
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=1, callbacks=[EmoLossFeed(), *callbacks])
+    trainer.fit(module or Model(), _loader())
+    return trainer
+
+
+def _assert_png(path):
+    assert path.exists()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_csv_logger_gets_every_step_and_the_plot_is_written(tmp_path):
+    monitor = EmotionMonitor()
+    plateau = PlateauContinuation(monitor="train_loss", window=4, check_every_n_steps=4, patience=1,
+                                  min_delta=0.5, min_steps_per_stage=8, max_stages=1, save_stage_checkpoints=False)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _fit(tmp_path, logger, [monitor, plateau, ShadowCheckpoint(save_on_fit_end=False)])
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    scalars = [row for row in rows if row.get("emotion/scalar")]
+    assert len(scalars) == trainer.global_step
+    assert {"emotion/drive", "emotion/effective_lr", "emotion/blend_ratio", "emotion/should_stop",
+            "plateau/stage", "shadow/rollbacks"} <= set(rows[0])
+    assert {float(row["plateau/stage"]) for row in scalars} == {0.0, 1.0}
+    assert all(float(row["emotion/effective_lr"]) == pytest.approx(float(row["emotion/lr"]) * float(row["emotion/drive"]))
+               for row in scalars)
+    _assert_png(monitor.plot_path)
+    assert monitor.plot_path.parent == type(monitor.plot_path)(logger.log_dir)
+
+
+def test_tensorboard_logger_gets_the_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = _fit(tmp_path, logger, [EmotionMonitor()])
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"emotion/scalar", "emotion/drive", "emotion/lr", "emotion/loss"} <= tags
+    assert len(events.Scalars("emotion/drive")) == trainer.global_step
+
+
+def test_other_optimizers_log_lr_and_loss_only(tmp_path):
+    monitor = EmotionMonitor()
+    logger = CSVLogger(tmp_path, name="csv")
+    _fit(tmp_path, logger, [monitor], module=Model(emo=False), epochs=2)
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        columns = set(next(csv.DictReader(handle)))
+    assert {"emotion/lr", "emotion/loss"} <= columns and "emotion/scalar" not in columns
+    _assert_png(monitor.plot_path)
+
+
+def test_without_a_logger_the_plot_still_lands_in_the_root_dir(tmp_path):
+    monitor = EmotionMonitor()
+    _fit(tmp_path, False, [monitor], epochs=1)
+    assert monitor.plot_path == tmp_path / "emotion.png"
+    _assert_png(monitor.plot_path)
