@@ -219,8 +219,9 @@ class PlateauContinuation(Callback):
             else:
                 self.wait += 1
             plateau = self.wait >= self.patience
-        if self.cooldown_left > 0:
+        if self.cooldown_left > 0:  # checks right after a change do not count against the stage
             self.cooldown_left -= 1
+            self.wait = 0
             return
         if plateau and trainer.global_step - self.stage_start_step >= self.min_steps_per_stage:
             self._plateau(trainer, pl_module, value)

@@ -115,6 +115,20 @@ def test_should_stop_signal_starts_a_stage_and_resets_the_emotion(tmp_path):
     assert callback.stages[1]["start_step"] >= 32
 
 
+def test_cooldown_ignores_the_checks_after_a_change(tmp_path):
+    quick, patient = _plateau(max_stages=1), _plateau(max_stages=1, cooldown=3)
+    # a flat loss: each stage ends as soon as the rules allow
+    _trainer(tmp_path / "quick", [quick]).fit(NoisyRegression(near_solution=True), _loader(batch_size=64))
+    _trainer(tmp_path / "patient", [patient]).fit(NoisyRegression(near_solution=True), _loader(batch_size=64))
+    assert quick.stages[1]["start_step"] == patient.stages[1]["start_step"]  # same first stage
+    quick_length = quick.stages[1]["end_step"] - quick.stages[1]["start_step"]
+    patient_length = patient.stages[1]["end_step"] - patient.stages[1]["start_step"]
+    # checks every 4 steps, patience 2: without cooldown the first check sets the best and two
+    # more end the stage; with cooldown 3, three checks are ignored and two more end it
+    assert quick_length == (1 + 2) * 4
+    assert patient_length == (3 + 2) * 4
+
+
 def test_should_stop_needs_an_emo_optimizer(tmp_path):
     trainer = _trainer(tmp_path, [PlateauContinuation()], max_epochs=1)
     with pytest.raises(ValueError, match="needs an Emo optimizer"):
