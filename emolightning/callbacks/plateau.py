@@ -52,6 +52,10 @@ class PlateauContinuation(Callback):
         max_stages: number of continuation stages after the first (ignored with ``lrs``).
         min_steps_per_stage: no plateau is declared earlier in a stage.
         cooldown: checks ignored right after a stage change.
+        reset_emotion: reset the Emo optimizers' loss averages and history at a stage change, as
+            a new training session would (the author's advice). ``False`` keeps them and clears
+            only ``should_stop``: the first steps of a stage then are not judged against a
+            fresh, noisy average.
         reset_moments: also drop the optimizers' per-parameter state at a stage change.
         dirpath: where stage checkpoints go (default: ``<default_root_dir>/stages``).
         save_stage_checkpoints: save a Lightning checkpoint at each stage change.
@@ -74,6 +78,7 @@ class PlateauContinuation(Callback):
         max_stages: int = 3,
         min_steps_per_stage: int = 100,
         cooldown: int = 0,
+        reset_emotion: bool = True,
         reset_moments: bool = False,
         dirpath: Optional[Union[str, Path]] = None,
         save_stage_checkpoints: bool = True,
@@ -98,7 +103,7 @@ class PlateauContinuation(Callback):
         self.lr_factor, self.lrs = lr_factor, list(lrs) if lrs is not None else None
         self.max_stages = len(self.lrs) if self.lrs is not None else max_stages
         self.min_steps_per_stage, self.cooldown = min_steps_per_stage, cooldown
-        self.reset_moments = reset_moments
+        self.reset_emotion, self.reset_moments = reset_emotion, reset_moments
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.save_stage_checkpoints = save_stage_checkpoints
         self._reset_progress()
@@ -254,7 +259,12 @@ class PlateauContinuation(Callback):
         factor = self._next_factor(trainer)
         scale_lrs(trainer, factor)
         for optimizer in emo_optimizers(trainer):
-            optimizer.reset_emotion(moments=self.reset_moments)
+            if self.reset_emotion:
+                optimizer.reset_emotion(moments=self.reset_moments)
+            else:
+                optimizer.reset_should_stop()
+                if self.reset_moments:
+                    optimizer.state.clear()
         self.stage += 1
         self.stage_start_step = step
         self.best, self.wait, self.cooldown_left = None, 0, self.cooldown

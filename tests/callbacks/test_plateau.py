@@ -129,6 +129,15 @@ def test_cooldown_ignores_the_checks_after_a_change(tmp_path):
     assert patient_length == (3 + 2) * 4
 
 
+def test_keeping_the_emotion_clears_only_should_stop(tmp_path):
+    callback = PlateauContinuation(monitor="should_stop", check_every_n_steps=1, min_steps_per_stage=0,
+                                   max_stages=1, reset_emotion=False, save_stage_checkpoints=False)
+    spy = EmotionAtStageChange(callback)
+    _trainer(tmp_path, [callback, spy], max_epochs=400).fit(NoisyRegression(near_solution=True), _loader(batch_size=64))
+    assert callback.stage == 1
+    assert not spy.seen[0].should_stop and spy.seen[0].ema  # averages kept, the flag cleared
+
+
 def test_should_stop_needs_an_emo_optimizer(tmp_path):
     trainer = _trainer(tmp_path, [PlateauContinuation()], max_epochs=1)
     with pytest.raises(ValueError, match="needs an Emo optimizer"):
