@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 
@@ -70,3 +72,33 @@ def save_tensors_atomically(tensors: dict[str, Any], path: Union[str, Path], met
 
 def find_callback(trainer: "pl.Trainer", name: str) -> Any:
     return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
+
+
+def undo_accumulation(trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> Tensor:
+    """Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` in automatic
+    optimization; this gives back the loss the training step returned."""
+    if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+        return loss * trainer.accumulate_grad_batches
+    return loss
+
+
+class StepLosses:
+    """Collects each micro-batch's training loss from ``on_train_batch_end`` and hands over
+    their mean once per optimizer step (once per accumulation window)."""
+
+    def __init__(self) -> None:
+        self.last_step = -1
+        self._pending: list[Tensor] = []
+
+    def observe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any) -> tuple[bool, Optional[Tensor]]:
+        """Returns whether an optimizer step ended with this batch, and then the local mean loss
+        of its micro-batches (``None`` if the training step returned no loss)."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss):
+            self._pending.append(undo_accumulation(trainer, pl_module, loss.detach().float()))
+        if trainer.global_step == self.last_step:
+            return False, None
+        self.last_step = trainer.global_step
+        mean = torch.stack(self._pending).mean() if self._pending else None
+        self._pending.clear()
+        return True, mean

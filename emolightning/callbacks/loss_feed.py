@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from emolightning.callbacks._util import undo_accumulation
+
 
 class EmoLossFeed(Callback):
     """Feed the training loss to every Emo optimizer of the Trainer, before each backward pass.
@@ -42,7 +44,6 @@ class EmoLossFeed(Callback):
         scaler: Any = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             value = value / scaler.get_scale()
-        if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-            value = value * trainer.accumulate_grad_batches
+        value = undo_accumulation(trainer, pl_module, value)
         for optimizer in optimizers:
             optimizer.feed_loss(value)

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from emolightning.callbacks._util import emo_optimizers, find_callback
+from emolightning.callbacks._util import StepLosses, emo_optimizers, find_callback
 
 _SERIES = ("step", "loss", "scalar", "drive", "lr", "effective_lr", "blend", "should_stop", "stage", "rollbacks")
 
@@ -45,23 +44,16 @@ class EmotionMonitor(Callback):
         self.log_every_n_steps, self.plot, self.filename = log_every_n_steps, plot, filename
         self.history: dict[str, list[float]] = {key: [] for key in _SERIES}
         self.plot_path: Optional[Path] = None
-        self._last_step = -1
-        self._pending: list[torch.Tensor] = []
+        self._steps = StepLosses()
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if torch.is_tensor(loss):
-            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-            self._pending.append(loss.detach().float() * scale)
-        step = trainer.global_step
-        if step == self._last_step:
+        stepped, loss = self._steps.observe(trainer, pl_module, outputs)
+        if not stepped:
             return
-        self._last_step = step
-        local_loss = torch.stack(self._pending).mean().item() if self._pending else math.nan
-        self._pending.clear()
-        row = self._row(trainer, step, local_loss)
+        step = trainer.global_step
+        row = self._row(trainer, step, math.nan if loss is None else loss.item())
         for key in _SERIES:
             self.history[key].append(row[key])
         if trainer.logger is not None and step % self.log_every_n_steps == 0:
@@ -159,9 +151,9 @@ class EmotionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "last_step": self._last_step}
+        return {"history": self.history, "last_step": self._steps.last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {key: list(state_dict["history"].get(key, [])) for key in _SERIES}
-        self._last_step = int(state_dict["last_step"])
+        self._steps.last_step = int(state_dict["last_step"])

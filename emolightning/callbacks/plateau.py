@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
-from emolightning.callbacks._util import emo_optimizers, group_lrs, save_checkpoint_atomically, scale_lrs
+from emolightning.callbacks._util import (
+    StepLosses, emo_optimizers, group_lrs, save_checkpoint_atomically, scale_lrs,
+)
 
 SHOULD_STOP = "should_stop"
 TRAIN_LOSS = "train_loss"
@@ -118,8 +120,7 @@ class PlateauContinuation(Callback):
         self.stages: list[dict[str, Any]] = []
         self.stop_reason: Optional[str] = None
         self.lrs_now: Optional[list[list[float]]] = None
-        self._last_checked_step = -1
-        self._pending: list[float] = []
+        self._steps = StepLosses()
 
     @property
     def state_key(self) -> str:
@@ -146,19 +147,12 @@ class PlateauContinuation(Callback):
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if torch.is_tensor(loss):
-            value = loss.detach().float().item()
-            if pl_module.automatic_optimization:
-                value *= trainer.accumulate_grad_batches  # Lightning divides it; undo that
-            self._pending.append(value)
-        step = trainer.global_step
-        if step == self._last_checked_step:
+        stepped, loss = self._steps.observe(trainer, pl_module, outputs)
+        if not stepped:
             return  # no optimizer step on this batch (gradient accumulation)
-        self._last_checked_step = step
-        if self._pending:
-            self.losses.append(sum(self._pending) / len(self._pending))
-            self._pending.clear()
+        if loss is not None:
+            self.losses.append(loss.item())
+        step = trainer.global_step
         if self.check_every_n_steps is not None and step > 0 and step % self.check_every_n_steps == 0:
             self._check(trainer, pl_module)
 
@@ -312,7 +306,7 @@ class PlateauContinuation(Callback):
             "stage": self.stage, "stage_start_step": self.stage_start_step, "best": self.best,
             "wait": self.wait, "cooldown_left": self.cooldown_left, "losses": list(self.losses),
             "stages": self.stages, "stop_reason": self.stop_reason, "lrs_now": self.lrs_now,
-            "last_checked_step": self._last_checked_step,
+            "last_checked_step": self._steps.last_step,
         }
 
     @override
@@ -326,4 +320,4 @@ class PlateauContinuation(Callback):
         self.stages = [dict(record) for record in state_dict["stages"]]
         self.stop_reason = state_dict["stop_reason"]
         self.lrs_now = state_dict["lrs_now"]
-        self._last_checked_step = int(state_dict["last_checked_step"])
+        self._steps.last_step = int(state_dict["last_checked_step"])

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from emolightning.callbacks._util import emo_optimizers
+from emolightning.callbacks._util import StepLosses, emo_optimizers
 
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
 
@@ -40,7 +40,7 @@ class RankConsistency(Callback):
         self.every_n_steps = every_n_steps
         self.checks = 0
         self._enabled = True
-        self._last_step = -1
+        self._steps = StepLosses()
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -52,11 +52,9 @@ class RankConsistency(Callback):
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        stepped, _ = self._steps.observe(trainer, pl_module, outputs)
         step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
-        if self._enabled and trainer.world_size > 1 and step % self.every_n_steps == 0:
+        if stepped and self._enabled and trainer.world_size > 1 and step % self.every_n_steps == 0:
             self.check(trainer, pl_module)
 
     def _fingerprint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[list[str], torch.Tensor]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from emolightning.callbacks._util import (
-    emo_optimizers, find_callback, save_tensors_atomically, trainable_parameters,
+    StepLosses, emo_optimizers, find_callback, save_tensors_atomically, trainable_parameters,
 )
 
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
@@ -113,8 +113,7 @@ class ShadowCheckpoint(Callback):
         self.saved: list[str] = []
         self.best: Optional[float] = None
         self._stages_seen = 0
-        self._last_step = -1
-        self._pending: list[Tensor] = []
+        self._steps = StepLosses()
         self._swapped: Optional[dict[str, Tensor]] = None
 
     # ------------------------------------------------------------------------------ shadow
@@ -165,21 +164,14 @@ class ShadowCheckpoint(Callback):
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if torch.is_tensor(loss):
-            value = loss.detach().float()
-            if pl_module.automatic_optimization:
-                value = value * trainer.accumulate_grad_batches
-            self._pending.append(value)
-        step = trainer.global_step
-        if step == self._last_step:
+        stepped, loss = self._steps.observe(trainer, pl_module, outputs)
+        if not stepped:
             return  # accumulating: no optimizer step on this batch
-        self._last_step = step
+        step = trainer.global_step
         params = trainable_parameters(pl_module)
-        if self._pending:
-            local = torch.stack(self._pending).mean().to(torch.float64)
-            self._pending.clear()
-            value = float(trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="mean"))
+        if loss is not None:
+            value = float(trainer.strategy.reduce(loss.to(torch.float64).to(trainer.strategy.root_device),
+                                                  reduce_op="mean"))
             if self._judge(trainer, pl_module, params, value):
                 return
         if self._optimizer_shadows(trainer, params) is None and step % self.update_every_n_steps == 0:
@@ -300,7 +292,7 @@ class ShadowCheckpoint(Callback):
         return {"shadow": {k: v.detach().cpu() for k, v in self.shadow.items()},
                 "loss_average": self.loss_average, "loss_steps": self.loss_steps, "rollbacks": self.rollbacks,
                 "saved": self.saved, "best": self.best, "stages_seen": self._stages_seen,
-                "last_step": self._last_step}
+                "last_step": self._steps.last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -311,4 +303,4 @@ class ShadowCheckpoint(Callback):
         self.saved = list(state_dict["saved"])
         self.best = state_dict["best"]
         self._stages_seen = int(state_dict["stages_seen"])
-        self._last_step = int(state_dict["last_step"])
+        self._steps.last_step = int(state_dict["last_step"])
