@@ -252,21 +252,31 @@ class EmoOptimizer(Optimizer):
             return tensors
         return [t.view(1) if t.dim() == 0 else t for t in tensors]
 
+    def _factored_columns(self, ps: list[Tensor], gs: list[Tensor], owners: list[Tensor],
+                          matrix_keys: tuple[str, ...], vector_keys: tuple[str, ...]) -> list[list[Tensor]]:
+        """Columns for a factored update: matrices (``dim >= 2``) with their ``matrix_keys``
+        state, then vectors and scalars with their ``vector_keys`` state."""
+        columns: list[list[Tensor]] = []
+        for is_matrix, keys in ((True, matrix_keys), (False, vector_keys)):
+            picked = [i for i, p in enumerate(owners) if (p.dim() >= 2) == is_matrix]
+            columns += [[ps[i] for i in picked], [gs[i] for i in picked]]
+            columns += [self._state_list([owners[i] for i in picked], key) for key in keys]
+        return columns
+
     @staticmethod
     def _write_back(writeback: list) -> None:
         for p, copy in writeback:
             p.copy_(copy)
 
-    def _buckets(self, index: int, lists: list[list]) -> dict[tuple[torch.device, torch.dtype], list[list]]:
-        """``lists`` split by the device and dtype of the first list's tensors; the split is
-        remembered while the group's parameters stay the same."""
-        first = lists[0]
-        key = tuple((id(t), t.shape, t.dtype) for t in first)
+    def _buckets(self, index: int, params: list[Tensor], lists: list[list]) -> dict[tuple[torch.device, torch.dtype], list[list]]:
+        """``lists`` (parallel to ``params``) split by the device and dtype of the first list's
+        tensors; the split is remembered while the group's parameters stay the same."""
+        key = tuple((id(p), p.shape, p.dtype) for p in params)
         cached = self._plans.get(index)
         if cached is None or cached[0] != key:
             # new parameters (or shapes): forget compiled updates made for the old ones
             self._compiled = {k: v for k, v in self._compiled.items() if k[0] != index}
-            kinds = {(t.device, t.dtype) for t in first}
+            kinds = {(t.device, t.dtype) for t in lists[0]}
             cached = (key, next(iter(kinds)) if len(kinds) == 1 else None)
             self._plans[index] = cached
         if cached[1] is not None:

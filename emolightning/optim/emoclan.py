@@ -159,7 +159,7 @@ class EmoClan(EmoOptimizer):
         work, grads, writeback = self._compute_views(params)
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
-        for bucket, (ps, gs, owners) in self._buckets(index, [work, grads, params]).items():
+        for bucket, (ps, gs, owners) in self._buckets(index, params, [work, grads, params]).items():
             if branch == "lynx":
                 if group["decoupled_weight_decay"]:
                     wd = wd / self._init_lr
@@ -170,16 +170,8 @@ class EmoClan(EmoOptimizer):
                            self._state_list(owners, "exp_avg_sq_navi")]
                 rule, foreach_rule, args = clan_navi_update, None, (beta1, beta2, eps, wd)
             else:
-                matrix = [i for i, p in enumerate(owners) if p.dim() >= 2]
-                vector = [i for i, p in enumerate(owners) if p.dim() < 2]
-                columns = [
-                    [ps[i] for i in matrix], [gs[i] for i in matrix],
-                    self._state_list([owners[i] for i in matrix], "exp_avg_r_fact"),
-                    self._state_list([owners[i] for i in matrix], "exp_avg_c_fact"),
-                    [ps[i] for i in vector], [gs[i] for i in vector],
-                    self._state_list([owners[i] for i in vector], "exp_avg_fact"),
-                    self._state_list([owners[i] for i in vector], "exp_avg_sq_fact"),
-                ]
+                columns = self._factored_columns(ps, gs, owners, ("exp_avg_r_fact", "exp_avg_c_fact"),
+                                                 ("exp_avg_fact", "exp_avg_sq_fact"))
                 rule, foreach_rule, args = clan_fact_update, None, (beta1, beta2, eps, wd)
             self._dispatch(index, bucket, branch, rule, foreach_rule, columns, group["lr"],
                            self._emotion.drive, *args)

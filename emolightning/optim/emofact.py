@@ -112,16 +112,8 @@ class EmoFact(EmoOptimizer):
 
     def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         work, grads, writeback = self._compute_views(params)
-        for bucket, (ps, gs, owners) in self._buckets(index, [work, grads, params]).items():
-            matrix = [i for i, p in enumerate(owners) if p.dim() >= 2]
-            vector = [i for i, p in enumerate(owners) if p.dim() < 2]
-            columns = [
-                [ps[i] for i in matrix], [gs[i] for i in matrix],
-                self._state_list([owners[i] for i in matrix], "exp_avg_r"),
-                self._state_list([owners[i] for i in matrix], "exp_avg_c"),
-                [ps[i] for i in vector], [gs[i] for i in vector],
-                self._state_list([owners[i] for i in vector], "exp_avg_sq"),
-            ]
+        for bucket, (ps, gs, owners) in self._buckets(index, params, [work, grads, params]).items():
+            columns = self._factored_columns(ps, gs, owners, ("exp_avg_r", "exp_avg_c"), ("exp_avg_sq",))
             self._dispatch(index, bucket, "fact", fact_update, fact_update_foreach, columns,
                            group["lr"], self._emotion.drive, *group["betas"],
                            floored_eps(group["eps"], bucket[1]), group["weight_decay"])

@@ -80,7 +80,7 @@ class EmoLynx(EmoOptimizer):
     def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         work, grads, writeback = self._compute_views(params)
         lists = [work, grads, self._state_list(params, "exp_avg")]
-        for bucket, columns in self._buckets(index, lists).items():
+        for bucket, columns in self._buckets(index, params, lists).items():
             self._dispatch(index, bucket, "lynx", lynx_update, lynx_update_foreach, columns,
                            group["lr"], self._emotion.drive, *group["betas"], group["weight_decay"])
         self._write_back(writeback)

@@ -105,7 +105,7 @@ class EmoNavi(EmoOptimizer):
         work, grads, writeback = self._compute_views(params)
         lists = [work, grads, self._state_list(params, "exp_avg"), self._state_list(params, "exp_avg_sq")]
         beta1, beta2 = group["betas"]
-        for bucket, columns in self._buckets(index, lists).items():
+        for bucket, columns in self._buckets(index, params, lists).items():
             self._dispatch(index, bucket, "navi", navi_update, navi_update_foreach, columns,
                            group["lr"], self._emotion.drive, beta1, beta2,
                            floored_eps(group["eps"], bucket[1]), group["weight_decay"])

@@ -322,6 +322,24 @@ def test_fused_path_does_not_recompile_when_lr_and_drive_change():
     assert not any(update.failed for update in optimizer._compiled.values())
 
 
+@pytest.mark.parametrize("cls", [EmoNavi, EmoFact])
+def test_fused_path_with_fp32_state_of_bf16_weights_compiles_once(cls):
+    import torch._dynamo.utils as dynamo_utils
+
+    params = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
+    optimizer = cls(params, lr=1e-2, fused=True, state_dtype=torch.float32)
+    _run(optimizer, params, [1.0])
+    compiled = dynamo_utils.counters["stats"]["unique_graphs"]
+    _run(optimizer, params, LOSSES, start_seed=1)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
+    assert len(optimizer._compiled) == 1
+    reference = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
+    loop = cls(reference, lr=1e-2, foreach=False, state_dtype=torch.float32)
+    _run(loop, reference, [1.0] + LOSSES)
+    for a, b in zip(params, reference):
+        torch.testing.assert_close(a, b)
+
+
 def test_fused_path_falls_back_to_eager_when_compilation_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
