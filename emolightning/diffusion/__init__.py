@@ -1,0 +1,1 @@
+"""Stable Diffusion pieces: the training-step math and a built-in tiny model."""

@@ -1,0 +1,103 @@
+"""The math of one diffusion training step: timesteps, noise, targets and loss weighting.
+
+Noising and the velocity target come from the diffusers scheduler itself (``add_noise``,
+``get_velocity``), so they match the model's own sampling schedule; this module adds what a
+LoRA trainer layers on top: a timestep range, noise offset, min-SNR-gamma weighting for both
+prediction types, and zero-terminal-SNR schedules.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_SNR_FLOOR = 1e-8  # zero-terminal-SNR schedules reach SNR 0 at the last step
+
+
+def training_scheduler(config: dict, *, prediction_type: Optional[str] = None,
+                       zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """A DDPM noise scheduler for training, from a model's scheduler config.
+
+    Args:
+        config: the base model's scheduler config (any diffusers scheduler's ``config``).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``; default: the config's.
+        zero_terminal_snr: rescale the betas so the last timestep is pure noise (Lin et al.,
+            2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"); meant for
+            v-prediction.
+    """
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    overrides: dict = {"rescale_betas_zero_snr": zero_terminal_snr}
+    if prediction_type is not None:
+        overrides["prediction_type"] = prediction_type
+    scheduler = DDPMScheduler.from_config(config, **overrides)
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"the scheduler's prediction_type {scheduler.config.prediction_type!r} is not supported; "
+                         f"pass prediction_type as one of {PREDICTION_TYPES}")
+    return scheduler
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, *, min_timestep: int = 0,
+                     max_timestep: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                     device: Optional[torch.device] = None) -> Tensor:
+    """Uniform integer timesteps in ``[min_timestep, max_timestep)`` (default: all of them)."""
+    upper = num_train_timesteps if max_timestep is None else max_timestep
+    if not 0 <= min_timestep < upper <= num_train_timesteps:
+        raise ValueError(f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps}, "
+                         f"got min_timestep={min_timestep}, max_timestep={max_timestep}")
+    timesteps = torch.randint(min_timestep, upper, (batch_size,), generator=generator,
+                              device=generator.device if generator is not None else device)
+    return timesteps.to(device) if device is not None else timesteps
+
+
+def sample_noise(latents: Tensor, *, noise_offset: float = 0.0, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Gaussian noise like ``latents``, plus ``noise_offset`` times one Gaussian per image and
+    channel (Guttenberg's offset noise: it lets the model learn very dark or bright images)."""
+    shape = latents.shape
+    noise = torch.randn(shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        per_channel = torch.randn((shape[0], shape[1]) + (1,) * (len(shape) - 2), generator=generator,
+                                  device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * per_channel
+    return noise
+
+
+def training_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the model learns to predict: the noise, or the velocity
+    ``sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * latents``."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def snr(scheduler: DDPMScheduler, timesteps: Tensor) -> Tensor:
+    """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at each timestep (float32)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps]
+    return (alphas_cumprod / (1.0 - alphas_cumprod)).to(torch.float32)
+
+
+def min_snr_weights(snr_values: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023): ``min(snr, gamma) / snr`` for epsilon,
+    ``min(snr, gamma) / (snr + 1)`` for v-prediction. An SNR of 0 (the last step of a
+    zero-terminal-SNR schedule) is floored at 1e-8, which gives an epsilon weight of 1."""
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive, got {gamma!r}")
+    clipped = torch.clamp(snr_values, min=_SNR_FLOOR)
+    limited = torch.minimum(clipped, torch.full_like(clipped, gamma))
+    if prediction_type == "v_prediction":
+        return limited / (clipped + 1.0)
+    return limited / clipped
+
+
+def diffusion_loss(prediction: Tensor, target: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error in float32; with ``weights`` (one per image), the weighted mean of
+    the per-image errors."""
+    error = (prediction.float() - target.float()) ** 2
+    if weights is None:
+        return error.mean()
+    per_image = error.flatten(1).mean(dim=1)
+    return (per_image * weights.to(per_image)).mean()
