@@ -1,1 +1,5 @@
-"""Stable Diffusion pieces: the training-step math and a built-in tiny model."""
+"""Stable Diffusion LoRA training: the module, model loading, training-step math, tiny model."""
+
+from emolightning.diffusion.module import SDLoRAModule
+
+__all__ = ["SDLoRAModule"]

@@ -58,12 +58,13 @@ def sample_noise(latents: Tensor, *, noise_offset: float = 0.0, generator: Optio
     """Gaussian noise like ``latents``, plus ``noise_offset`` times one Gaussian per image and
     channel (Guttenberg's offset noise: it lets the model learn very dark or bright images)."""
     shape = latents.shape
-    noise = torch.randn(shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    device = generator.device if generator is not None else latents.device
+    noise = torch.randn(shape, generator=generator, device=device, dtype=latents.dtype)
     if noise_offset:
         per_channel = torch.randn((shape[0], shape[1]) + (1,) * (len(shape) - 2), generator=generator,
-                                  device=latents.device, dtype=latents.dtype)
+                                  device=device, dtype=latents.dtype)
         noise = noise + noise_offset * per_channel
-    return noise
+    return noise.to(latents.device)
 
 
 def training_target(scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:

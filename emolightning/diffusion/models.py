@@ -1,0 +1,88 @@
+"""Loading a Stable Diffusion base model and adding LoRA adapters to it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+TINY = "builtin:tiny"
+
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    # attention projections, as diffusers' train_text_to_image_lora.py
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    # + the transformer blocks' feed-forward layers
+    "attention_ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    # + every ResNet conv and the time-embedding projections (LoCon)
+    "all": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+            "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
+}
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion model a LoRA trainer needs."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    source: str
+
+
+def load_components(pretrained: str) -> SDComponents:
+    """Load a local diffusers folder, or build the built-in tiny model (``"builtin:tiny"``).
+
+    Raises:
+        FileNotFoundError: with what to do, when ``pretrained`` is not a diffusers folder.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    scratch = None
+    if pretrained == TINY:
+        from emolightning.diffusion.tiny import build_tiny_sd
+
+        scratch = Path(tempfile.mkdtemp(prefix="emolightning-tiny-"))
+        folder = build_tiny_sd(scratch / "model")
+    else:
+        folder = Path(pretrained).expanduser()
+        if not (folder / "model_index.json").is_file():
+            hint = ("a single .safetensors/.ckpt file is not supported yet: convert it to a diffusers "
+                    "folder first" if folder.is_file() else "pass a local diffusers folder (one with "
+                    "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or 'builtin:tiny'")
+            raise FileNotFoundError(f"model.pretrained: {pretrained!r} is not a diffusers model folder; {hint}")
+    try:
+        return SDComponents(
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            scheduler_config=dict(DDPMScheduler.load_config(folder, subfolder="scheduler")),
+            source=pretrained if scratch is not None else str(folder),
+        )
+    finally:
+        if scratch is not None:  # the tiny model now lives in memory
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...], init: Any) -> None:
+    """Freeze ``model`` and add a trainable peft LoRA adapter (``"default"``) to ``targets``."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init)
+    model.add_adapter(config)
+
+
+def lora_state_dict(model: torch.nn.Module, state_dict: Optional[dict] = None) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=state_dict)

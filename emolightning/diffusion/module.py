@@ -1,0 +1,211 @@
+"""SDLoRAModule: LoRA fine-tuning of Stable Diffusion 1.x/2.x as a LightningModule."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components, lora_state_dict
+from emolightning.diffusion.noise import (
+    diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, snr, training_scheduler, training_target,
+)
+from emolightning.optim import EmoNavi
+
+DEFAULT_LR = 6e-5  # the EmoNavi author's recommendation for LoRA
+
+
+class SDLoRAModule(pl.LightningModule):
+    """Train LoRA adapters on a frozen Stable Diffusion 1.x/2.x model.
+
+    Batches are dicts with ``input_ids`` (tokenised captions) and either ``pixel_values``
+    (images in [-1, 1]) or ``latents`` (already VAE-encoded and scaled).
+
+    Args:
+        pretrained: a local diffusers folder, or ``"builtin:tiny"`` (a tiny random model).
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``; default: the model's scheduler.
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha (scale = alpha / rank); default: the rank.
+        target_preset: ``"attention"``, ``"attention_ff"`` or ``"all"`` (LoCon: ResNet convs too).
+        lora_init: peft's ``init_lora_weights`` (``"gaussian"``, ``True`` for Kaiming, ``"pissa"``...).
+        train_text_encoder: also put LoRA on the text encoder's attention.
+        text_encoder_lr: its learning rate (default: the optimizer's).
+        optimizer: builds the optimizer from param groups (default: ``EmoNavi(lr=6e-5)``).
+        lr_scheduler: optional; builds a scheduler stepped every optimizer step.
+        noise_offset: offset-noise strength (0.05-0.1 is typical).
+        min_timestep, max_timestep: the range timesteps are drawn from.
+        snr_gamma: min-SNR-gamma weighting (5.0 is typical); ``None`` for plain MSE.
+        zero_terminal_snr: rescale the schedule to reach pure noise (use with v-prediction).
+        gradient_checkpointing: trade compute for memory in the UNet.
+        seed: seeds the LoRA initialisation, and the noise and timestep draws (offset by the
+            process rank).
+
+    Example:
+        >>> module = SDLoRAModule("builtin:tiny", lora_rank=4)
+    """
+
+    def __init__(
+        self,
+        pretrained: str = TINY,
+        prediction_type: Optional[str] = None,
+        lora_rank: int = 16,
+        lora_alpha: Optional[float] = None,
+        target_preset: str = "attention",
+        lora_init: Union[str, bool] = "gaussian",
+        train_text_encoder: bool = False,
+        text_encoder_lr: Optional[float] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        noise_offset: float = 0.0,
+        min_timestep: int = 0,
+        max_timestep: Optional[int] = None,
+        snr_gamma: Optional[float] = None,
+        zero_terminal_snr: bool = False,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(lora_rank, int) or lora_rank < 1:
+            raise ValueError(f"model.lora_rank must be a positive integer, got {lora_rank!r}")
+        if target_preset not in TARGET_PRESETS:
+            raise ValueError(f"model.target_preset must be one of {sorted(TARGET_PRESETS)}, got {target_preset!r}")
+        if lora_alpha is not None and not lora_alpha > 0:
+            raise ValueError(f"model.lora_alpha must be positive, got {lora_alpha!r}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        self.strict_loading = False  # checkpoints hold the LoRA weights only
+        parts = load_components(pretrained)
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer = parts.tokenizer
+        self.vae.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):  # the same seed gives the same LoRA initialisation
+            torch.manual_seed(seed)
+            add_lora(self.unet, rank=lora_rank, alpha=self.lora_alpha, targets=TARGET_PRESETS[target_preset],
+                     init=lora_init)
+            if train_text_encoder:
+                add_lora(self.text_encoder, rank=lora_rank, alpha=self.lora_alpha, targets=TEXT_TARGETS, init=lora_init)
+            else:
+                self.text_encoder.requires_grad_(False)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.noise_scheduler = training_scheduler(parts.scheduler_config, prediction_type=prediction_type,
+                                                  zero_terminal_snr=zero_terminal_snr)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # ------------------------------------------------------------------------- precision
+    def setup(self, stage: str) -> None:
+        self.generator.manual_seed(self.hparams.seed + self.global_rank)
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16-true": torch.bfloat16,
+                "16-true": torch.float16}.get(precision)
+        if half is not None:  # frozen weights in half precision, LoRA weights stay fp32
+            for network in (self.unet, self.text_encoder, self.vae):
+                for p in network.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(half)
+
+    # ---------------------------------------------------------------------------- step
+    def encode_text(self, input_ids: Tensor) -> Tensor:
+        with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
+            return self.text_encoder(input_ids)[0]
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        with torch.no_grad():
+            dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+            return dist.sample(generator=self.generator) * self.vae.config.scaling_factor
+
+    def diffusion_step(self, batch: dict[str, Tensor], timesteps: Optional[Tensor] = None,
+                       noise: Optional[Tensor] = None) -> Tensor:
+        """The loss of one batch; ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
+        latents = batch["latents"] if "latents" in batch else self.encode_images(batch["pixel_values"])
+        latents = latents.float()
+        if noise is None:
+            noise = sample_noise(latents, noise_offset=self.hparams.noise_offset, generator=self.generator)
+        if timesteps is None:
+            timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps,
+                                         min_timestep=self.hparams.min_timestep,
+                                         max_timestep=self.hparams.max_timestep, generator=self.generator)
+        timesteps = timesteps.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, self.encode_text(batch["input_ids"])).sample
+        weights = None
+        if self.hparams.snr_gamma is not None:
+            weights = min_snr_weights(snr(self.noise_scheduler, timesteps), self.hparams.snr_gamma,
+                                      self.noise_scheduler.config.prediction_type)
+        return diffusion_loss(prediction, target, weights)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.diffusion_step(batch)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # ---------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "name": "unet"}]
+        if self.hparams.train_text_encoder:
+            group = {"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "name": "text_encoder"}
+            if self.hparams.text_encoder_lr is not None:
+                group["lr"] = self.hparams.text_encoder_lr
+            groups.append(group)
+        optimizer = self.optimizer_factory(groups) if self.optimizer_factory else EmoNavi(groups, lr=DEFAULT_LR)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ---------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["emolightning_generator"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("emolightning_generator")
+        if state is not None:
+            self._restored_generator = state
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_restored_generator", None)
+        if state is not None:  # setup() re-seeded; a resumed run continues the saved stream
+            self.generator.set_state(state)
+            self._restored_generator = None
+
+    # --------------------------------------------------------------------------- export
+    def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None) -> Path:
+        """Write the LoRA as one diffusers/peft ``.safetensors`` file that
+        ``StableDiffusionPipeline.load_lora_weights`` loads; ``weights`` (by parameter name, e.g.
+        a shadow) replace the live LoRA weights in the file. Written to a temporary name first."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        def layers(network: torch.nn.Module, prefix: str) -> Optional[dict]:
+            overrides = None
+            if weights is not None:
+                own = network.state_dict()
+                overrides = {**own, **{k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}}
+            return convert_state_dict_to_diffusers(lora_state_dict(network, overrides))
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
+        try:
+            text = layers(self.text_encoder, "text_encoder.") if self.hparams.train_text_encoder else None
+            StableDiffusionPipeline.save_lora_weights(
+                staging, unet_lora_layers=layers(self.unet, "unet."), text_encoder_lora_layers=text,
+                weight_name=path.name, safe_serialization=True,
+                unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
+                text_encoder_lora_adapter_metadata=(self.text_encoder.peft_config["default"].to_dict()
+                                                    if text is not None else None))
+            os.replace(staging / path.name, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path

@@ -1,0 +1,130 @@
+"""SDLoRAModule end to end on the tiny model: train, small checkpoints, exact resume, export
+that the real diffusers pipeline loads and reproduces."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+from emolightning.callbacks import EmoLossFeed
+from emolightning.diffusion import SDLoRAModule
+from emolightning.diffusion.tiny import build_tiny_sd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("base") / "tiny")
+
+
+class Captioned(Dataset):
+    def __init__(self, tokenizer, n=8):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, 64, 64, generator=generator) * 2 - 1
+        captions = [f"a photo of thing {i}" for i in range(n)]
+        self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "input_ids": self.ids[i]}
+
+
+def _trainer(tmp_path, max_steps=-1, **kwargs):
+    return pl.Trainer(default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+                      callbacks=[EmoLossFeed(), *kwargs.pop("callbacks", [])], **kwargs)
+
+
+def _lora(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_training_moves_only_the_lora_and_resume_is_exact(tmp_path, tiny_folder):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=8, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    frozen = module.unet.conv_in.weight.detach().clone()
+    before = _lora(module)
+    loader = DataLoader(Captioned(module.tokenizer), batch_size=2)
+    _trainer(tmp_path / "straight", 4).fit(module, loader)
+    after = _lora(module)
+    assert len(after) == 64 and all(n.startswith("unet.") for n in after)
+    assert any(not torch.equal(before[n], after[n]) for n in after)
+    assert torch.equal(module.unet.conv_in.weight, frozen)
+
+    # resume from an end-of-epoch checkpoint (8 images, batches of 2: 4 steps an epoch)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    first = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=8)
+    _trainer(tmp_path / "first", max_epochs=1, callbacks=[checkpoint], enable_checkpointing=True).fit(
+        first, DataLoader(Captioned(first.tokenizer), batch_size=2))
+    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["state_dict"]) == {n for n, p in first.named_parameters() if p.requires_grad}
+    assert path.stat().st_size < 200_000  # LoRA and optimizer state only, no frozen base
+
+    straight = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=8)
+    _trainer(tmp_path / "s2", max_epochs=2).fit(straight, DataLoader(Captioned(straight.tokenizer), batch_size=2))
+    resumed = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=8)
+    _trainer(tmp_path / "r", max_epochs=2).fit(resumed, DataLoader(Captioned(resumed.tokenizer), batch_size=2), ckpt_path=path)
+    for name, value in _lora(straight).items():
+        assert torch.equal(value, _lora(resumed)[name]), name
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_exported_lora_reproduces_the_trained_model_in_diffusers(tmp_path, tiny_folder, train_text_encoder):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=2, train_text_encoder=train_text_encoder,
+                          text_encoder_lr=1e-2, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
+    _trainer(tmp_path, 3).fit(module, DataLoader(Captioned(module.tokenizer), batch_size=2))
+    file = module.export_lora(tmp_path / "out" / "my_lora.safetensors")
+    assert file.exists() and not list(file.parent.glob(".lora-*"))
+
+    def image(pipe):
+        return pipe("a photo of thing 1", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    loaded = StableDiffusionPipeline.from_pretrained(tiny_folder)
+    plain = image(loaded)
+    loaded.load_lora_weights(file)
+    in_memory = StableDiffusionPipeline.from_pretrained(tiny_folder)
+    in_memory.unet, in_memory.text_encoder = module.unet.eval(), module.text_encoder.eval()
+    expected = image(in_memory)
+    torch.testing.assert_close(torch.from_numpy(image(loaded)), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(torch.from_numpy(plain), torch.from_numpy(expected), atol=1e-4)  # LoRA mattered
+    loaded.fuse_lora()
+    for name, p in loaded.unet.named_parameters():
+        if name == "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight":
+            layer = module.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+            merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2 / 4)
+            torch.testing.assert_close(p, merged, rtol=1e-5, atol=1e-6)
+
+
+def test_shadow_weights_can_be_exported_instead_of_the_live_ones(tmp_path, tiny_folder):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4)
+    zeros = {n: torch.zeros_like(p) for n, p in module.named_parameters() if p.requires_grad}
+    from safetensors.torch import load_file
+
+    saved = load_file(module.export_lora(tmp_path / "zero.safetensors", zeros))
+    assert saved and all(t.abs().sum() == 0 for t in saved.values())
+
+
+def test_half_precision_keeps_lora_in_fp32_and_v_prediction_runs(tmp_path, tiny_folder):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4, prediction_type="v_prediction", snr_gamma=5.0,
+                          zero_terminal_snr=True, noise_offset=0.05)
+    _trainer(tmp_path, 2, precision="bf16-mixed").fit(module, DataLoader(Captioned(module.tokenizer), batch_size=2))
+    assert module.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in module.parameters() if p.requires_grad)
+    assert module.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.pretrained"):
+        SDLoRAModule(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="model.lora_rank"):
+        SDLoRAModule(lora_rank=0)
+    with pytest.raises(ValueError, match="model.target_preset"):
+        SDLoRAModule(target_preset="everything")
