@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from emolightning.callbacks._util import save_tensors_atomically
+from emolightning.diffusion.export import kohya_metadata, kohya_state_dict, kohya_text_encoder_layers
 from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components, lora_state_dict
 from emolightning.diffusion.noise import (
     diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, snr, training_scheduler, training_target,
@@ -180,27 +182,77 @@ class SDLoRAModule(pl.LightningModule):
             self._restored_generator = None
 
     # --------------------------------------------------------------------------- export
-    def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None) -> Path:
-        """Write the LoRA as one diffusers/peft ``.safetensors`` file that
-        ``StableDiffusionPipeline.load_lora_weights`` loads; ``weights`` (by parameter name, e.g.
-        a shadow) replace the live LoRA weights in the file. Written to a temporary name first."""
+    def _lora_layers(self, network: torch.nn.Module, prefix: str,
+                     weights: Optional[dict[str, Tensor]]) -> dict[str, Tensor]:
+        overrides = None
+        if weights is not None:
+            overrides = {**network.state_dict(), **{k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}}
+        return lora_state_dict(network, overrides)
+
+    def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None,
+                    format: str = "kohya", dtype: Optional[torch.dtype] = None) -> Path:
+        """Write the LoRA as one ``.safetensors`` file, to a temporary name first.
+
+        Args:
+            path: the file to write.
+            weights: trainable weights by parameter name (e.g. a shadow) to write instead of the
+                live ones.
+            format: ``"kohya"`` (``lora_unet_…``/``lora_te_…`` keys, float alpha, ``ss_*`` and
+                ``modelspec.*`` metadata: loads in kohya sd-scripts, AUTOMATIC1111, ComfyUI and
+                diffusers) or ``"diffusers"`` (what ``save_lora_weights`` writes, with the peft
+                config so the alpha survives).
+            dtype: e.g. ``torch.float16`` for a half-size file.
+        """
+        if format not in ("kohya", "diffusers"):
+            raise ValueError(f"export format must be 'kohya' or 'diffusers', got {format!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        unet = self._lora_layers(self.unet, "unet.", weights)
+        text = self._lora_layers(self.text_encoder, "text_encoder.", weights) if self.hparams.train_text_encoder else None
+        if dtype is not None:
+            unet = {k: v.to(dtype) for k, v in unet.items()}
+            text = None if text is None else {k: v.to(dtype) for k, v in text.items()}
+        if format == "kohya":
+            layers = {"lora_unet": unet, **({"lora_te": kohya_text_encoder_layers(text)} if text else {})}
+            tensors = kohya_state_dict(layers, self.lora_alpha)
+            metadata = kohya_metadata(
+                rank=self.hparams.lora_rank, alpha=self.lora_alpha, conv=self.hparams.target_preset == "all",
+                cross_attention_dim=self.unet.config.cross_attention_dim,
+                prediction_type=self.noise_scheduler.config.prediction_type, title=path.stem,
+                extra=self._training_metadata())
+            return save_tensors_atomically(tensors, path, metadata)
+        return self._export_diffusers(path, unet, text)
+
+    def _training_metadata(self) -> dict[str, Any]:
+        hp = self.hparams
+        metadata: dict[str, Any] = {
+            "ss_output_name": "", "ss_seed": str(hp.seed), "ss_noise_offset": str(hp.noise_offset),
+            "ss_min_snr_gamma": str(hp.snr_gamma), "ss_zero_terminal_snr": str(hp.zero_terminal_snr),
+            "ss_gradient_checkpointing": str(hp.gradient_checkpointing), "ss_sd_model_name": str(hp.pretrained),
+        }
+        trainer = self._trainer
+        if trainer is not None:
+            metadata.update(ss_steps=str(trainer.global_step), ss_epoch=str(trainer.current_epoch),
+                            ss_num_epochs=str(trainer.max_epochs), ss_mixed_precision=str(trainer.precision),
+                            ss_gradient_accumulation_steps=str(trainer.accumulate_grad_batches))
+            if trainer.optimizers:
+                optimizer = trainer.optimizers[0]
+                lrs = [group["lr"] for group in optimizer.param_groups]
+                metadata.update(ss_optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+                                ss_learning_rate=str(lrs[0]), ss_unet_lr=str(lrs[0]),
+                                ss_text_encoder_lr=str(lrs[1] if len(lrs) > 1 else lrs[0]))
+        metadata.update(getattr(self, "extra_lora_metadata", {}))  # e.g. the data module's tag frequency
+        return metadata
+
+    def _export_diffusers(self, path: Path, unet: dict[str, Tensor], text: Optional[dict[str, Tensor]]) -> Path:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        def layers(network: torch.nn.Module, prefix: str) -> Optional[dict]:
-            overrides = None
-            if weights is not None:
-                own = network.state_dict()
-                overrides = {**own, **{k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}}
-            return convert_state_dict_to_diffusers(lora_state_dict(network, overrides))
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
         try:
-            text = layers(self.text_encoder, "text_encoder.") if self.hparams.train_text_encoder else None
             StableDiffusionPipeline.save_lora_weights(
-                staging, unet_lora_layers=layers(self.unet, "unet."), text_encoder_lora_layers=text,
+                staging, unet_lora_layers=convert_state_dict_to_diffusers(unet),
+                text_encoder_lora_layers=convert_state_dict_to_diffusers(text) if text is not None else None,
                 weight_name=path.name, safe_serialization=True,
                 unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
                 text_encoder_lora_adapter_metadata=(self.text_encoder.peft_config["default"].to_dict()

@@ -1,11 +1,15 @@
 """SDLoRAModule end to end on the tiny model: train, small checkpoints, exact resume, export
 that the real diffusers pipeline loads and reproduces."""
 
+import json
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from emolightning.callbacks import EmoLossFeed
@@ -75,13 +79,15 @@ def test_training_moves_only_the_lora_and_resume_is_exact(tmp_path, tiny_folder)
         assert torch.equal(value, _lora(resumed)[name]), name
 
 
+@pytest.mark.parametrize("file_format", ["kohya", "diffusers"])
 @pytest.mark.parametrize("train_text_encoder", [False, True])
-def test_exported_lora_reproduces_the_trained_model_in_diffusers(tmp_path, tiny_folder, train_text_encoder):
+def test_exported_lora_reproduces_the_trained_model_in_diffusers(tmp_path, tiny_folder, train_text_encoder,
+                                                                 file_format):
     module = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=2, train_text_encoder=train_text_encoder,
                           text_encoder_lr=1e-2, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
     _trainer(tmp_path, 3).fit(module, DataLoader(Captioned(module.tokenizer), batch_size=2))
-    file = module.export_lora(tmp_path / "out" / "my_lora.safetensors")
-    assert file.exists() and not list(file.parent.glob(".lora-*"))
+    file = module.export_lora(tmp_path / "out" / "my_lora.safetensors", format=file_format)
+    assert file.exists() and not list(file.parent.glob(".*"))
 
     def image(pipe):
         return pipe("a photo of thing 1", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
@@ -109,7 +115,42 @@ def test_shadow_weights_can_be_exported_instead_of_the_live_ones(tmp_path, tiny_
     from safetensors.torch import load_file
 
     saved = load_file(module.export_lora(tmp_path / "zero.safetensors", zeros))
-    assert saved and all(t.abs().sum() == 0 for t in saved.values())
+    weights = {k: v for k, v in saved.items() if not k.endswith(".alpha")}
+    assert weights and all(t.abs().sum() == 0 for t in weights.values())
+
+
+KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+@pytest.mark.parametrize("preset", ["attention", "all"])
+def test_kohya_file_follows_the_naming_rules(tmp_path, tiny_folder, preset):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=3, target_preset=preset, train_text_encoder=True,
+                          snr_gamma=5.0)
+    path = module.export_lora(tmp_path / "k.safetensors", dtype=torch.float16)
+    with safe_open(path, "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in keys}
+    assert all(KOHYA_KEY.match(k) for k in keys), [k for k in keys if not KOHYA_KEY.match(k)][:3]
+    assert not any(k.startswith("lora_te1_") for k in keys)  # SD1 has one text encoder: lora_te_
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert len(keys) == 3 * len(modules)
+    peft_modules = {n.split(".lora_A")[0] for n, p in module.named_parameters() if ".lora_A." in n}
+    expected = {("lora_unet_" if n.startswith("unet.") else "lora_te_text_model_") + n.split(".", 1)[1].replace(".", "_")
+                for n in peft_modules}
+    assert modules == expected
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q" in modules
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    alphas = [t for k, t in tensors.items() if k.endswith(".alpha")]
+    assert all(t.dtype == torch.float32 and t.item() == 3.0 for t in alphas)
+    assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.endswith(".alpha"))
+    if preset == "all":
+        conv = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
+        assert conv.dim() == 4 and json.loads(metadata["ss_network_args"])["conv_dim"] == "4"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "3.0"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_min_snr_gamma"] == "5.0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.prediction_type"] == "epsilon"
 
 
 def test_half_precision_keeps_lora_in_fp32_and_v_prediction_runs(tmp_path, tiny_folder):
