@@ -3,7 +3,7 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["SDLoRAModule", "__version__"]
+__all__ = ["ImageCaptionDataModule", "SDLoRAModule", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -12,4 +12,8 @@ def __getattr__(name: str) -> Any:
         from emolightning.diffusion import SDLoRAModule
 
         return SDLoRAModule
+    if name == "ImageCaptionDataModule":
+        from emolightning.data import ImageCaptionDataModule
+
+        return ImageCaptionDataModule
     raise AttributeError(f"module 'emolightning' has no attribute {name!r}")

@@ -101,6 +101,7 @@ class SDLoRAModule(pl.LightningModule):
         self.noise_scheduler = training_scheduler(parts.scheduler_config, prediction_type=prediction_type,
                                                   zero_terminal_snr=zero_terminal_snr)
         self.generator = torch.Generator().manual_seed(seed)
+        self.extra_lora_metadata: dict[str, Any] = {}  # filled by the data module (tag frequency, ...)
 
     # ------------------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
@@ -241,7 +242,7 @@ class SDLoRAModule(pl.LightningModule):
                 metadata.update(ss_optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
                                 ss_learning_rate=str(lrs[0]), ss_unet_lr=str(lrs[0]),
                                 ss_text_encoder_lr=str(lrs[1] if len(lrs) > 1 else lrs[0]))
-        metadata.update(getattr(self, "extra_lora_metadata", {}))  # e.g. the data module's tag frequency
+        metadata.update(self.extra_lora_metadata)
         return metadata
 
     def _export_diffusers(self, path: Path, unet: dict[str, Tensor], text: Optional[dict[str, Tensor]]) -> Path:

@@ -1,0 +1,85 @@
+"""Finding image/caption pairs in a folder, and caption augmentation."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training image: where it is, its caption, and how often an epoch shows it."""
+
+    path: Path
+    caption: str
+    repeats: int = 1
+
+
+def scan_folder(root: Path, caption_extension: str = ".txt", missing_caption: str = "folder") -> tuple[list[Item], list[Path]]:
+    """Images under ``root`` with their captions, and the images whose caption was missing.
+
+    Layouts: a ``metadata.jsonl`` in ``root`` (lines ``{"file_name": ..., "text": ...}``), or
+    images with sidecar caption files (``photo.png`` + ``photo.txt``) directly in ``root`` or
+    in subfolders. A subfolder named ``N_name`` (kohya's convention) repeats its images N times
+    per epoch. A missing caption becomes, with ``missing_caption="folder"``, the ``name`` of its
+    ``N_name`` folder (kohya's class token) or else the file name with ``_`` as spaces; with
+    ``"filename"`` always the latter; with ``"empty"`` an empty caption; ``"error"`` refuses.
+    """
+    if missing_caption not in ("folder", "filename", "empty", "error"):
+        raise ValueError(f"data.missing_caption must be 'folder', 'filename', 'empty' or 'error', got {missing_caption!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} is not a folder; point it at your training images")
+    metadata = root / "metadata.jsonl"
+    if metadata.is_file():
+        return _scan_metadata(root, metadata), []
+    items, missing = [], []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        relative = path.relative_to(root)
+        match = _REPEAT_FOLDER.match(relative.parts[0]) if len(relative.parts) > 1 else None
+        repeats = int(match.group(1)) if match else 1
+        sidecar = path.with_suffix(caption_extension)
+        if sidecar.is_file():
+            caption = sidecar.read_text(encoding="utf-8").strip()
+        else:
+            missing.append(path)
+            if missing_caption == "error":
+                raise FileNotFoundError(f"no caption file {sidecar} for {path}; add one or set data.missing_caption")
+            stem = path.stem.replace("_", " ")
+            caption = {"folder": match.group(2).replace("_", " ") if match else stem, "filename": stem,
+                       "empty": ""}[missing_caption]
+        if repeats > 0:
+            items.append(Item(path, caption, repeats))
+    return items, missing
+
+
+def _scan_metadata(root: Path, metadata: Path) -> list[Item]:
+    items = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            items.append(Item(root / record["file_name"], str(record.get("text", "")).strip()))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{metadata}, line {number}: expected {{\"file_name\": ..., \"text\": ...}} ({error})") from None
+    return items
+
+
+def augment_caption(caption: str, rng: random.Random, *, dropout: float = 0.0, shuffle_tags: bool = False,
+                    keep_tags: int = 0, separator: str = ",") -> str:
+    """Caption dropout (the whole caption becomes empty with probability ``dropout``) and tag
+    shuffling that keeps the first ``keep_tags`` tags (e.g. a trigger word) in place."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle_tags:
+        return caption
+    tags = [tag.strip() for tag in caption.split(separator)]
+    fixed, rest = tags[:keep_tags], tags[keep_tags:]
+    rng.shuffle(rest)
+    return f"{separator} ".join(tag for tag in fixed + rest if tag)

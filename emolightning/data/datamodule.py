@@ -1,0 +1,221 @@
+"""ImageCaptionDataModule: a folder of captioned images, bucketed by aspect ratio."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
+from emolightning.data.captions import Item, augment_caption, scan_folder
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], rng: random.Random, *, random_crop: bool,
+                  flip_p: float) -> torch.Tensor:
+    """Resize ``image`` to cover ``bucket``, crop to it (centre or random), maybe mirror it, and
+    return a (3, height, width) float tensor in [-1, 1]."""
+    width, height = bucket
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    if random_crop:
+        left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+    image = image.crop((left, top, left + width, top + height))
+    if flip_p and rng.random() < flip_p:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionDataset(Dataset):
+    """The expanded (repeats included) list of images; each item is
+    ``{"pixel_values": (3, H, W) in [-1, 1], "input_ids": (77,)}``."""
+
+    def __init__(self, items: list[Item], buckets: list[tuple[int, int]], tokenizer: Any, *, seed: int = 0,
+                 random_crop: bool = False, flip_p: float = 0.0, caption_dropout: float = 0.0,
+                 shuffle_tags: bool = False, keep_tags: int = 0, tag_separator: str = ",") -> None:
+        self.items, self.buckets, self.tokenizer, self.seed = items, buckets, tokenizer, seed
+        self.random_crop, self.flip_p = random_crop, flip_p
+        self.caption_options = dict(dropout=caption_dropout, shuffle_tags=shuffle_tags, keep_tags=keep_tags,
+                                    separator=tag_separator)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.items[index]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # the same draw for the same epoch and index
+        pixels = fit_to_bucket(_open_rgb(item.path), self.buckets[index], rng, random_crop=self.random_crop,
+                               flip_p=self.flip_p)
+        caption = augment_caption(item.caption, rng, **self.caption_options)
+        ids = self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids[0]
+        return {"pixel_values": pixels, "input_ids": ids}
+
+
+class _EpochBatches(BucketBatchSampler):
+    """Tells the dataset the epoch too, so its augmentations change every epoch."""
+
+    def __init__(self, dataset: ImageCaptionDataset, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.epoch = epoch
+
+
+class ImageCaptionDataModule(pl.LightningDataModule):
+    """Training images with captions from a folder, in aspect-ratio buckets.
+
+    The folder holds images (png, jpg, webp, bmp) with sidecar captions (``photo.png`` +
+    ``photo.txt``), in kohya-style ``N_name`` subfolders that repeat their images N times per
+    epoch, or is described by a ``metadata.jsonl``. See :func:`emolightning.data.captions.scan_folder`
+    for the rules, including what a missing caption becomes.
+
+    Images that cannot be read are skipped and listed once with a count. Every batch holds
+    images of one bucket: a size whose area is about ``resolution**2`` and whose aspect ratio is
+    closest to the image's; the image is resized to cover it and cropped (centre or random).
+    The tokenizer is the LightningModule's (``SDLoRAModule.tokenizer``).
+
+    Args:
+        root: the image folder.
+        caption_extension: extension of the caption files.
+        missing_caption: ``"folder"``, ``"filename"``, ``"empty"`` or ``"error"``.
+        resolution: the side of the square training size; buckets keep its area.
+        bucketing: aspect-ratio buckets; ``False`` crops everything to a square.
+        min_bucket, max_bucket, bucket_step: bucket side limits and granularity.
+        upscale: allow buckets larger than the image; ``False`` errors on images smaller than
+            every bucket.
+        random_crop, flip_p: crop position and mirror probability.
+        caption_dropout, shuffle_tags, keep_tags, tag_separator: caption augmentation.
+        batch_size, num_workers, pin_memory: loading.
+        seed: shuffling and augmentation seed.
+
+    Example:
+        >>> data = ImageCaptionDataModule("./my_set", resolution=512, batch_size=2)
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        caption_extension: str = ".txt",
+        missing_caption: str = "folder",
+        resolution: int = 512,
+        bucketing: bool = True,
+        min_bucket: int = 256,
+        max_bucket: int = 1024,
+        bucket_step: int = 64,
+        upscale: bool = True,
+        random_crop: bool = False,
+        flip_p: float = 0.0,
+        caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_separator: str = ",",
+        batch_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= flip_p <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"data.flip_p and data.caption_dropout must be in [0, 1], got {flip_p}, {caption_dropout}")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.dataset: Optional[ImageCaptionDataset] = None
+        self.skipped: list[tuple[Path, str]] = []
+        self.tokenizer: Any = None
+
+    def _readable(self, items: list[Item]) -> tuple[list[Item], list[tuple[int, int]]]:
+        kept, sizes = [], []
+        for item in items:
+            try:
+                with Image.open(item.path) as image:
+                    image.load()
+                    size = ImageOps.exif_transpose(image).size
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                self.skipped.append((item.path, f"{type(error).__name__}: {error}"))
+                continue
+            kept.append(item)
+            sizes.append(size)
+        return kept, sizes
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        items, missing = scan_folder(self.root, hp.caption_extension, hp.missing_caption)
+        if missing:
+            warnings.warn(f"{len(missing)} image(s) in {self.root} have no {hp.caption_extension} caption; used the "
+                          f"data.missing_caption={hp.missing_caption!r} rule (first: {missing[0]})", stacklevel=2)
+        self.skipped = []
+        items, sizes = self._readable(items)
+        if self.skipped:
+            listed = "; ".join(f"{p} ({why})" for p, why in self.skipped[:5])
+            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s): {listed}"
+                          + (" ..." if len(self.skipped) > 5 else ""), stacklevel=2)
+        if not items:
+            raise ValueError(f"data.root: no readable images in {self.root} (looked for png, jpg, jpeg, webp, bmp)")
+        candidates = (make_buckets(hp.resolution, min_size=hp.min_bucket, max_size=hp.max_bucket, step=hp.bucket_step)
+                      if hp.bucketing else [(hp.resolution, hp.resolution)])
+        expanded, buckets = [], []
+        for item, size in zip(items, sizes):
+            bucket = assign_bucket(size, candidates, upscale=hp.upscale, step=hp.bucket_step, min_size=hp.min_bucket)
+            if bucket is None:
+                smallest = min(candidates, key=lambda b: b[0] * b[1])
+                raise ValueError(f"{item.path} is {size[0]}x{size[1]}, smaller than every bucket (the smallest is "
+                                 f"{smallest[0]}x{smallest[1]}, data.min_bucket={hp.min_bucket}); use a larger image, "
+                                 "lower data.min_bucket, or set data.upscale=true")
+            expanded += [item] * item.repeats
+            buckets += [bucket] * item.repeats
+        self.tokenizer = self.tokenizer or getattr(self.trainer.lightning_module if self.trainer else None,
+                                                   "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("ImageCaptionDataModule needs a tokenizer: use it with SDLoRAModule, or set "
+                             "datamodule.tokenizer")
+        self.dataset = ImageCaptionDataset(
+            expanded, buckets, self.tokenizer, seed=hp.seed, random_crop=hp.random_crop, flip_p=hp.flip_p,
+            caption_dropout=hp.caption_dropout, shuffle_tags=hp.shuffle_tags, keep_tags=hp.keep_tags,
+            tag_separator=hp.tag_separator)
+        module = self.trainer.lightning_module if self.trainer else None
+        if module is not None and hasattr(module, "extra_lora_metadata"):
+            module.extra_lora_metadata.update(self.lora_metadata(items, sizes))
+
+    def lora_metadata(self, items: list[Item], sizes: list[tuple[int, int]]) -> dict[str, Any]:
+        """kohya's dataset metadata: image count, resolution and tag frequency."""
+        tags: Counter = Counter()
+        for item in items:
+            tags.update(tag.strip() for tag in item.caption.split(self.hparams.tag_separator) if tag.strip())
+        resolution = self.hparams.resolution
+        return {"ss_num_train_images": str(sum(item.repeats for item in items)),
+                "ss_resolution": f"({resolution}, {resolution})", "ss_enable_bucket": str(self.hparams.bucketing),
+                "ss_tag_frequency": {self.root.name: dict(tags)}, "ss_dataset_dirs": {self.root.name: {
+                    "n_repeats": max(item.repeats for item in items), "img_count": len(items)}}}
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if world > 1 and getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError("ImageCaptionDataModule shards its bucketed batches across processes itself: create the "
+                             "Trainer with use_distributed_sampler=False")
+        sampler = _EpochBatches(self.dataset, self.dataset.buckets, self.hparams.batch_size, shuffle=True,
+                                seed=self.hparams.seed, rank=rank, world_size=world)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.hparams.num_workers,
+                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.hparams.num_workers > 0)

@@ -1,0 +1,102 @@
+"""ImageCaptionDataModule with SDLoRAModule on the tiny model: buckets reach the UNet, bad
+images are skipped and named, and the tag frequency lands in the exported LoRA."""
+
+import json
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from emolightning.callbacks import EmoLossFeed
+from emolightning.data import ImageCaptionDataModule
+from emolightning.diffusion import SDLoRAModule
+from emolightning.diffusion.tiny import build_tiny_sd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("base") / "tiny")
+
+
+def _set(root):
+    root.mkdir()
+    for i, (width, height) in enumerate([(64, 64), (96, 48), (48, 96)]):
+        x = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None]
+        y = np.linspace(255, 0, height, dtype=np.uint8)[:, None, None]
+        pattern = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                                  np.full((height, width, 1), 40 * i, np.uint8)], axis=2)
+        Image.fromarray(np.ascontiguousarray(pattern)).save(root / f"img{i}.png")  # gradients: crops and flips show
+        (root / f"img{i}.txt").write_text(f"shape, colour {i}")
+    return root
+
+
+class ShapeSpy(pl.Callback):
+    def __init__(self):
+        self.shapes = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pixels = batch["pixel_values"]
+        assert pixels.min() >= -1 and pixels.max() <= 1 and batch["input_ids"].shape[1] == 77
+        self.shapes.add(tuple(pixels.shape[2:]))
+
+
+def _fit(tmp_path, tiny_folder, data, epochs=1):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4)
+    spy = ShapeSpy()
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[EmoLossFeed(), spy])
+    trainer.fit(module, datamodule=data)
+    return module, spy, trainer
+
+
+def test_buckets_reach_the_model_and_metadata_is_exported(tmp_path, tiny_folder):
+    root = _set(tmp_path / "set")
+    data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32, batch_size=2)
+    module, spy, trainer = _fit(tmp_path, tiny_folder, data)
+    assert spy.shapes == {(64, 64), (32, 96), (96, 32)}  # (height, width) of each bucket
+    assert trainer.global_step == 3
+    with safe_open(module.export_lora(tmp_path / "l.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["ss_tag_frequency"]) == {"set": {"shape": 3, "colour 0": 1, "colour 1": 1, "colour 2": 1}}
+    assert metadata["ss_num_train_images"] == "3"
+
+
+def test_unreadable_images_are_skipped_and_named(tmp_path, tiny_folder):
+    root = _set(tmp_path / "set")
+    good = (root / "img0.png").read_bytes()
+    (root / "broken.png").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "broken.txt").write_text("broken")
+    data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\): .*broken.png"):
+        _fit(tmp_path, tiny_folder, data)
+    assert [p.name for p, _ in data.skipped] == ["broken.png"]
+
+
+def test_empty_folder_and_too_small_images_are_named(tmp_path, tiny_folder):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable images"):
+        _fit(tmp_path, tiny_folder, ImageCaptionDataModule(tmp_path / "empty", resolution=64, min_bucket=32))
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.new("RGB", (16, 16)).save(small / "tiny.png")
+    with pytest.raises(ValueError, match=r"tiny.png is 16x16, smaller than every bucket"):
+        _fit(tmp_path, tiny_folder, ImageCaptionDataModule(small, resolution=64, min_bucket=32, upscale=False))
+
+
+def test_augmentations_change_with_the_epoch(tmp_path, tiny_folder):
+    root = _set(tmp_path / "set")
+    data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32,
+                                  random_crop=True, flip_p=0.5, shuffle_tags=True, seed=3)
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4)
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    first = [data.dataset[i]["pixel_values"] for i in range(3)]
+    assert all(torch.equal(a, data.dataset[i]["pixel_values"]) for i, a in enumerate(first))  # deterministic
+    data.dataset.epoch = 1
+    assert any(not torch.equal(a, data.dataset[i]["pixel_values"]) for i, a in enumerate(first))
