@@ -105,9 +105,13 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         upscale: allow buckets larger than the image; ``False`` errors on images smaller than
             every bucket.
         random_crop, flip_p: crop position and mirror probability.
+        val_split: fraction of the images (at least one when > 0) held out for validation: they
+            are not trained on, and are scored with a centre crop and their plain caption.
         caption_dropout, shuffle_tags, keep_tags, tag_separator: caption augmentation.
         batch_size, num_workers, pin_memory: loading.
-        seed: shuffling and augmentation seed.
+        shuffle_seed: seeds shuffling, augmentation and the validation split (named apart from
+            the module's ``seed``: Lightning refuses equal hyperparameter names with different
+            values).
 
     Example:
         >>> data = ImageCaptionDataModule("./my_set", resolution=512, batch_size=2)
@@ -133,14 +137,18 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = True,
-        seed: int = 0,
+        shuffle_seed: int = 0,
+        val_split: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= val_split < 1.0:
+            raise ValueError(f"data.val_split must be in [0, 1), got {val_split}")
         if not 0.0 <= flip_p <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.flip_p and data.caption_dropout must be in [0, 1], got {flip_p}, {caption_dropout}")
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.dataset: Optional[ImageCaptionDataset] = None
+        self.val_dataset: Optional[ImageCaptionDataset] = None
         self.skipped: list[tuple[Path, str]] = []
         self.tokenizer: Any = None
 
@@ -174,7 +182,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             raise ValueError(f"data.root: no readable images in {self.root} (looked for png, jpg, jpeg, webp, bmp)")
         candidates = (make_buckets(hp.resolution, min_size=hp.min_bucket, max_size=hp.max_bucket, step=hp.bucket_step)
                       if hp.bucketing else [(hp.resolution, hp.resolution)])
-        expanded, buckets = [], []
+        assigned = []
         for item, size in zip(items, sizes):
             bucket = assign_bucket(size, candidates, upscale=hp.upscale, step=hp.bucket_step, min_size=hp.min_bucket)
             if bucket is None:
@@ -182,17 +190,31 @@ class ImageCaptionDataModule(pl.LightningDataModule):
                 raise ValueError(f"{item.path} is {size[0]}x{size[1]}, smaller than every bucket (the smallest is "
                                  f"{smallest[0]}x{smallest[1]}, data.min_bucket={hp.min_bucket}); use a larger image, "
                                  "lower data.min_bucket, or set data.upscale=true")
-            expanded += [item] * item.repeats
-            buckets += [bucket] * item.repeats
+            assigned.append(bucket)
+        held_out: set[int] = set()
+        if hp.val_split > 0:
+            if len(items) < 2:
+                raise ValueError(f"data.val_split={hp.val_split} needs at least 2 images in {self.root}")
+            order = list(range(len(items)))
+            random.Random(hp.shuffle_seed).shuffle(order)
+            held_out = set(order[: max(1, round(len(items) * hp.val_split))])
+        expanded, buckets = [], []
+        for index, (item, bucket) in enumerate(zip(items, assigned)):
+            if index not in held_out:
+                expanded += [item] * item.repeats
+                buckets += [bucket] * item.repeats
         self.tokenizer = self.tokenizer or getattr(self.trainer.lightning_module if self.trainer else None,
                                                    "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("ImageCaptionDataModule needs a tokenizer: use it with SDLoRAModule, or set "
                              "datamodule.tokenizer")
         self.dataset = ImageCaptionDataset(
-            expanded, buckets, self.tokenizer, seed=hp.seed, random_crop=hp.random_crop, flip_p=hp.flip_p,
+            expanded, buckets, self.tokenizer, seed=hp.shuffle_seed, random_crop=hp.random_crop, flip_p=hp.flip_p,
             caption_dropout=hp.caption_dropout, shuffle_tags=hp.shuffle_tags, keep_tags=hp.keep_tags,
             tag_separator=hp.tag_separator)
+        kept = sorted(held_out)
+        self.val_dataset = ImageCaptionDataset([items[i] for i in kept], [assigned[i] for i in kept],
+                                               self.tokenizer, seed=hp.shuffle_seed) if kept else None
         module = self.trainer.lightning_module if self.trainer else None
         if module is not None and hasattr(module, "extra_lora_metadata"):
             module.extra_lora_metadata.update(self.lora_metadata(items, sizes))
@@ -208,14 +230,21 @@ class ImageCaptionDataModule(pl.LightningDataModule):
                 "ss_tag_frequency": {self.root.name: dict(tags)}, "ss_dataset_dirs": {self.root.name: {
                     "n_repeats": max(item.repeats for item in items), "img_count": len(items)}}}
 
-    def train_dataloader(self) -> DataLoader:
-        assert self.dataset is not None, "call setup() first"
+    def _loader(self, dataset: ImageCaptionDataset, shuffle: bool) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if world > 1 and getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False):
             raise ValueError("ImageCaptionDataModule shards its bucketed batches across processes itself: create the "
                              "Trainer with use_distributed_sampler=False")
-        sampler = _EpochBatches(self.dataset, self.dataset.buckets, self.hparams.batch_size, shuffle=True,
-                                seed=self.hparams.seed, rank=rank, world_size=world)
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.hparams.num_workers,
+        sampler = _EpochBatches(dataset, dataset.buckets, self.hparams.batch_size, shuffle=shuffle,
+                                seed=self.hparams.shuffle_seed, rank=rank, world_size=world)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.hparams.num_workers,
                           pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
                           persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        return self._loader(self.dataset, shuffle=True)
+
+    def val_dataloader(self) -> Any:
+        """The held-out images (``val_split``), or no validation."""
+        return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from emolightning.callbacks._util import save_tensors_atomically
+from emolightning.diffusion.metrics import DenoisingLoss
 from emolightning.diffusion.export import kohya_metadata, kohya_state_dict, kohya_text_encoder_layers
 from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components, lora_state_dict
 from emolightning.diffusion.noise import (
@@ -48,6 +49,13 @@ class SDLoRAModule(pl.LightningModule):
         gradient_checkpointing: trade compute for memory in the UNet.
         seed: seeds the LoRA initialisation, and the noise and timestep draws (offset by the
             process rank).
+        validation_timesteps: each validation image is scored at this many evenly spaced
+            timesteps, with noise fixed by ``seed`` and the batch, so ``val_loss`` is comparable
+            across steps and runs.
+        sample_prompts: prompts to draw sample images from during training (fixed seed).
+        sample_every_n_steps: how often (0: never); images go to ``<log dir>/samples`` as PNG and
+            to TensorBoard when that is the logger.
+        sample_size, sample_inference_steps, sample_guidance_scale: the sampling settings.
 
     Example:
         >>> module = SDLoRAModule("builtin:tiny", lora_rank=4)
@@ -72,6 +80,12 @@ class SDLoRAModule(pl.LightningModule):
         zero_terminal_snr: bool = False,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        validation_timesteps: int = 4,
+        sample_prompts: Optional[list[str]] = None,
+        sample_every_n_steps: int = 0,
+        sample_size: int = 512,
+        sample_inference_steps: int = 20,
+        sample_guidance_scale: float = 7.5,
     ) -> None:
         super().__init__()
         if not isinstance(lora_rank, int) or lora_rank < 1:
@@ -102,6 +116,8 @@ class SDLoRAModule(pl.LightningModule):
                                                   zero_terminal_snr=zero_terminal_snr)
         self.generator = torch.Generator().manual_seed(seed)
         self.extra_lora_metadata: dict[str, Any] = {}  # filled by the data module (tag frequency, ...)
+        self.val_loss = DenoisingLoss()
+        self.scheduler_config = parts.scheduler_config
 
     # ------------------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
@@ -150,6 +166,83 @@ class SDLoRAModule(pl.LightningModule):
         loss = self.diffusion_step(batch)
         self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    # ---------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Denoising error of each held-out image at fixed timesteps and noise."""
+        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
+        if "latents" in batch:
+            latents = batch["latents"].float()
+        else:
+            dist = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
+            latents = dist.mode().float() * self.vae.config.scaling_factor
+        low = self.hparams.min_timestep
+        high = self.hparams.max_timestep or self.noise_scheduler.config.num_train_timesteps
+        fixed = torch.linspace(low, high - 1, self.hparams.validation_timesteps).round().long()
+        hidden = self.encode_text(batch["input_ids"])
+        errors = []
+        for t in fixed.tolist():
+            timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            target = training_target(self.noise_scheduler, latents, noise, timesteps)
+            prediction = self.unet(noisy, timesteps, hidden).sample
+            errors.append(((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1))
+        self.val_loss.update(torch.stack(errors).mean(dim=0))
+        self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=latents.shape[0])
+
+    # ------------------------------------------------------------------------- samples
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.hparams.sample_every_n_steps
+        step = self.trainer.global_step
+        if (every and self.hparams.sample_prompts and step % every == 0 and step != getattr(self, "_sampled_at", -1)
+                and self.trainer.is_global_zero):
+            self._sampled_at = step
+            self.save_samples(step)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, seed: Optional[int] = None) -> list[Any]:
+        """Images (PIL) for ``prompts`` from the model as it is now, one fixed seed per prompt."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
+                                       tokenizer=self.tokenizer, scheduler=DDIMScheduler.from_config(self.scheduler_config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        base = self.hparams.seed if seed is None else seed
+        was_training = self.training
+        self.eval()
+        try:
+            images = []
+            for index, prompt in enumerate(prompts):
+                generator = torch.Generator(device="cpu").manual_seed(base + index)
+                with torch.autocast(self.device.type, enabled=self.unet.dtype != torch.float32 and self.device.type == "cuda"):
+                    images += pipe(prompt, height=self.hparams.sample_size, width=self.hparams.sample_size,
+                                   num_inference_steps=self.hparams.sample_inference_steps,
+                                   guidance_scale=self.hparams.sample_guidance_scale, generator=generator).images
+            return images
+        finally:
+            self.train(was_training)
+
+    def save_samples(self, step: int) -> Path:
+        """Draw the sample prompts and save them as one PNG grid (and to TensorBoard)."""
+        import numpy as np
+        from PIL import Image
+
+        images = self.generate(list(self.hparams.sample_prompts))
+        width, height = images[0].size
+        grid = Image.new("RGB", (width * len(images), height))
+        for index, image in enumerate(images):
+            grid.paste(image, (index * width, 0))
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path, temporary = folder / f"step{step:06d}.png", folder / f".step{step:06d}.png.partial"
+        grid.save(temporary, format="PNG")
+        os.replace(temporary, path)
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        return path
 
     # ---------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:

@@ -92,7 +92,7 @@ def test_empty_folder_and_too_small_images_are_named(tmp_path, tiny_folder):
 def test_augmentations_change_with_the_epoch(tmp_path, tiny_folder):
     root = _set(tmp_path / "set")
     data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32,
-                                  random_crop=True, flip_p=0.5, shuffle_tags=True, seed=3)
+                                  random_crop=True, flip_p=0.5, shuffle_tags=True, shuffle_seed=3)
     module = SDLoRAModule(str(tiny_folder), lora_rank=4)
     data.tokenizer = module.tokenizer
     data.setup("fit")
@@ -100,3 +100,28 @@ def test_augmentations_change_with_the_epoch(tmp_path, tiny_folder):
     assert all(torch.equal(a, data.dataset[i]["pixel_values"]) for i, a in enumerate(first))  # deterministic
     data.dataset.epoch = 1
     assert any(not torch.equal(a, data.dataset[i]["pixel_values"]) for i, a in enumerate(first))
+
+
+def test_held_out_images_give_a_deterministic_val_loss_and_samples_are_saved(tmp_path, tiny_folder):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    root = _set(tmp_path / "set")
+    values = []
+    for run in ("a", "b"):
+        data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32,
+                                      val_split=0.34, shuffle_seed=1)
+        module = SDLoRAModule(str(tiny_folder), lora_rank=4, sample_prompts=["a red circle", "a blue square"],
+                              sample_every_n_steps=2, sample_size=64, sample_inference_steps=2)
+        logger = TensorBoardLogger(tmp_path / run, name="tb")
+        trainer = pl.Trainer(default_root_dir=tmp_path / run, max_epochs=2, accelerator="cpu", logger=logger,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, callbacks=[EmoLossFeed()])
+        trainer.fit(module, datamodule=data)
+        assert len(data.val_dataset) == 1 and len(data.dataset) == 2  # one of three held out
+        assert data.val_dataset.items[0].path not in {item.path for item in data.dataset.items}
+        values.append(trainer.callback_metrics["val_loss"].item())
+        samples = sorted((tmp_path / run / "tb" / "version_0" / "samples").glob("*.png"))
+        assert [p.name for p in samples] == ["step000002.png", "step000004.png"]
+        with Image.open(samples[0]) as grid:
+            assert grid.size == (128, 64)  # two prompts side by side
+    assert values[0] == values[1]  # same data, seed and weights: the same validation loss
