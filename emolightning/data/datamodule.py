@@ -65,9 +65,12 @@ class ImageCaptionDataset(Dataset):
         pixels = fit_to_bucket(_open_rgb(item.path), self.buckets[index], rng, random_crop=self.random_crop,
                                flip_p=self.flip_p)
         caption = augment_caption(item.caption, rng, **self.caption_options)
+        augmented = self.random_crop or bool(self.flip_p)
+        stat = item.path.stat()
+        key = "" if augmented else f"{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.buckets[index]}|center"
         ids = self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids}
+        return {"pixel_values": pixels, "input_ids": ids, "cache_key": key}
 
 
 class _EpochBatches(BucketBatchSampler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from emolightning.callbacks._util import save_tensors_atomically
+from emolightning.diffusion.latent_cache import LatentCache, vae_fingerprint
 from emolightning.diffusion.metrics import DenoisingLoss
 from emolightning.diffusion.export import kohya_metadata, kohya_state_dict, kohya_text_encoder_layers
 from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components, lora_state_dict
@@ -56,6 +58,10 @@ class SDLoRAModule(pl.LightningModule):
         sample_every_n_steps: how often (0: never); images go to ``<log dir>/samples`` as PNG and
             to TensorBoard when that is the logger.
         sample_size, sample_inference_steps, sample_guidance_scale: the sampling settings.
+        cache_latents: ``"none"``, ``"memory"`` or ``"disk"``: encode each training image once
+            and reuse its latents (needs ``cache_key`` in batches, which ImageCaptionDataModule
+            provides; images with random crops or flips are encoded every time).
+        latent_cache_dir: the folder for ``"disk"`` (default ``<default_root_dir>/latent_cache``).
 
     Example:
         >>> module = SDLoRAModule("builtin:tiny", lora_rank=4)
@@ -86,10 +92,14 @@ class SDLoRAModule(pl.LightningModule):
         sample_size: int = 512,
         sample_inference_steps: int = 20,
         sample_guidance_scale: float = 7.5,
+        cache_latents: str = "none",
+        latent_cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         if not isinstance(lora_rank, int) or lora_rank < 1:
             raise ValueError(f"model.lora_rank must be a positive integer, got {lora_rank!r}")
+        if cache_latents not in ("none", "memory", "disk"):
+            raise ValueError(f"model.cache_latents must be 'none', 'memory' or 'disk', got {cache_latents!r}")
         if target_preset not in TARGET_PRESETS:
             raise ValueError(f"model.target_preset must be one of {sorted(TARGET_PRESETS)}, got {target_preset!r}")
         if lora_alpha is not None and not lora_alpha > 0:
@@ -131,6 +141,14 @@ class SDLoRAModule(pl.LightningModule):
                     if not p.requires_grad:
                         p.data = p.data.to(half)
 
+    def on_fit_start(self) -> None:
+        mode = self.hparams.cache_latents
+        if mode != "none" and getattr(self, "latent_cache", None) is None:
+            directory = None
+            if mode == "disk":
+                directory = self.hparams.latent_cache_dir or Path(self.trainer.default_root_dir) / "latent_cache"
+            self.latent_cache = LatentCache(vae_fingerprint(self.vae), directory)
+
     # ---------------------------------------------------------------------------- step
     def encode_text(self, input_ids: Tensor) -> Tensor:
         with torch.set_grad_enabled(self.hparams.train_text_encoder and torch.is_grad_enabled()):
@@ -141,10 +159,33 @@ class SDLoRAModule(pl.LightningModule):
             dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
             return dist.sample(generator=self.generator) * self.vae.config.scaling_factor
 
+    @torch.no_grad()
+    def _cached_latents(self, pixel_values: Tensor, keys: list[str]) -> Tensor:
+        cache = self.latent_cache
+        found = [cache.get(key) if key else None for key in keys]
+        missing = [i for i, latents in enumerate(found) if latents is None]
+        if missing:
+            # each image's latent draw is seeded by its key, so a cache rebuilt after a resume holds
+            # the same latents as the one it replaces
+            dist = self.vae.encode(pixel_values[missing].to(self.vae.dtype)).latent_dist
+            draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
+                int(hashlib.sha1(keys[i].encode()).hexdigest()[:15], 16))) for i in missing])
+            encoded = (dist.mean + dist.std * draws.to(dist.mean)) * self.vae.config.scaling_factor
+            for position, index in enumerate(missing):
+                found[index] = encoded[position]
+                if keys[index]:  # an empty key: augmented this time, not cacheable
+                    cache.put(keys[index], encoded[position])
+        return torch.stack([latents.to(pixel_values.device) for latents in found])
+
     def diffusion_step(self, batch: dict[str, Tensor], timesteps: Optional[Tensor] = None,
                        noise: Optional[Tensor] = None) -> Tensor:
         """The loss of one batch; ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
-        latents = batch["latents"] if "latents" in batch else self.encode_images(batch["pixel_values"])
+        if "latents" in batch:
+            latents = batch["latents"]
+        elif getattr(self, "latent_cache", None) is not None and batch.get("cache_key"):
+            latents = self._cached_latents(batch["pixel_values"], batch["cache_key"])
+        else:
+            latents = self.encode_images(batch["pixel_values"])
         latents = latents.float()
         if noise is None:
             noise = sample_noise(latents, noise_offset=self.hparams.noise_offset, generator=self.generator)

@@ -125,3 +125,29 @@ def test_held_out_images_give_a_deterministic_val_loss_and_samples_are_saved(tmp
         with Image.open(samples[0]) as grid:
             assert grid.size == (128, 64)  # two prompts side by side
     assert values[0] == values[1]  # same data, seed and weights: the same validation loss
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_latent_cache_encodes_each_image_once_and_notices_changes(tmp_path, tiny_folder, mode):
+    root = _set(tmp_path / "set")
+
+    def run(name, epochs=2, **data_kwargs):
+        data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32, **data_kwargs)
+        module = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_latents=mode, latent_cache_dir=str(tmp_path / "cache"))
+        trainer = pl.Trainer(default_root_dir=tmp_path / name, max_epochs=epochs, accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[EmoLossFeed()])
+        trainer.fit(module, datamodule=data)
+        return module.latent_cache
+
+    cache = run("first")
+    assert (cache.misses, cache.hits) == (3, 3)  # epoch 1 encodes, epoch 2 reuses
+    if mode == "disk":
+        assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+        again = run("second", epochs=1)
+        assert (again.misses, again.hits) == (0, 3)  # a new run reads the files
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(root / "img0.png")  # an edited image
+        edited = run("third", epochs=1)
+        assert (edited.misses, edited.hits) == (1, 2)
+    flipped = run("flip", flip_p=0.5)
+    assert flipped.hits == 0 and not flipped.memory  # augmented images are never cached
