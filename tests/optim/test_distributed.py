@@ -1,6 +1,7 @@
 """Two CPU processes (gloo): the rank-mean loss keeps replicas bit-identical."""
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def _train(cls, sync_loss, rank):
 
 
 def _worker(rank, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=120))
     try:
         for cls in (EmoNavi, EmoFact, EmoLynx, EmoClan):
             flat, snap, drives = _train(cls, sync_loss=True, rank=rank)

@@ -1,0 +1,114 @@
+"""Training-loop throughput of SDLoRAModule, with and without the latent cache, in one run.
+
+Builds the tiny model (or uses --pretrained), writes a folder of synthetic images, and times
+optimizer steps of a real Lightning fit for each cache mode, interleaved over rounds. Prints
+steps per second (after the first epoch, which fills the cache), the ratio to the uncached
+run, and peak memory (CUDA: max allocated per run; CPU: only the process's peak resident set
+so far, which cannot separate the modes).
+
+    python benchmarks/train_throughput.py                      # tiny model, CPU
+    python benchmarks/train_throughput.py --pretrained /models/sd15 --resolution 512 --accelerator gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image
+
+from emolightning.callbacks import EmoLossFeed
+from emolightning.data import ImageCaptionDataModule
+from emolightning.diffusion import SDLoRAModule
+from emolightning.diffusion.tiny import build_tiny_sd
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def write_images(folder: Path, count: int, size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a test image, number {i}")
+    return folder
+
+
+def run(pretrained: str, images: Path, mode: str, args: argparse.Namespace, workdir: Path) -> tuple[float, float]:
+    module = SDLoRAModule(pretrained, lora_rank=args.rank, cache_latents=mode, gradient_checkpointing=args.checkpointing)
+    data = ImageCaptionDataModule(images, resolution=args.resolution, min_bucket=args.resolution // 2,
+                                  max_bucket=args.resolution * 2, bucket_step=max(8, args.resolution // 8),
+                                  batch_size=args.batch_size)
+    timer = StepTimer()
+    trainer = pl.Trainer(default_root_dir=workdir, max_epochs=args.epochs, accelerator=args.accelerator, devices=1,
+                         precision=args.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[EmoLossFeed(), timer])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=data)
+    steady = timer.times[len(timer.times) // args.epochs:]  # after the first epoch (cache filled, warm)
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() and args.accelerator != "cpu"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return 1.0 / statistics.median(steady), peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained", default=None, help="a diffusers folder (default: the built-in tiny model)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--checkpointing", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(scratch)
+        pretrained = args.pretrained or str(build_tiny_sd(workdir / "tiny"))
+        images = write_images(workdir / "images", args.images, args.resolution)
+        results: dict[str, list[tuple[float, float]]] = {"none": [], "memory": []}
+        for round_index in range(args.rounds):
+            for mode in results:
+                results[mode].append(run(pretrained, images, mode, args, workdir / f"{mode}{round_index}"))
+    base = statistics.median(r[0] for r in results["none"])
+    print(f"\n## SDLoRAModule training loop: {args.pretrained or 'built-in tiny SD'}, {args.resolution}px, "
+          f"batch {args.batch_size}, rank {args.rank}, {args.precision}, {args.accelerator}, torch {torch.__version__}")
+    memory = ("peak CUDA memory MiB" if args.accelerator != "cpu" and torch.cuda.is_available()
+              else "process peak RSS so far MiB (CPU: not per mode)")
+    print(f"| latent cache | steps/s (median of rounds) | vs no cache | {memory} |")
+    print("|---|---:|---:|---:|")
+    for mode, values in results.items():
+        speed = statistics.median(v[0] for v in values)
+        print(f"| {mode} | {speed:.2f} | {speed / base:.2f}x | {max(v[1] for v in values):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
