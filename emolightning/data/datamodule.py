@@ -149,6 +149,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         if not 0.0 <= flip_p <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.flip_p and data.caption_dropout must be in [0, 1], got {flip_p}, {caption_dropout}")
         self.save_hyperparameters()
+        self.hparams.root = str(root)  # checkpoints must load with weights_only=True: no Path objects
         self.root = Path(root).expanduser()
         self.dataset: Optional[ImageCaptionDataset] = None
         self.val_dataset: Optional[ImageCaptionDataset] = None

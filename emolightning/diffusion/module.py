@@ -105,6 +105,9 @@ class SDLoRAModule(pl.LightningModule):
         if lora_alpha is not None and not lora_alpha > 0:
             raise ValueError(f"model.lora_alpha must be positive, got {lora_alpha!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        for key in ("pretrained", "latent_cache_dir"):  # checkpoints load with weights_only=True: no Paths
+            if self.hparams[key] is not None:
+                self.hparams[key] = str(self.hparams[key])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
         self.strict_loading = False  # checkpoints hold the LoRA weights only

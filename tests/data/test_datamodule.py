@@ -151,3 +151,32 @@ def test_latent_cache_encodes_each_image_once_and_notices_changes(tmp_path, tiny
         assert (edited.misses, edited.hits) == (1, 2)
     flipped = run("flip", flip_p=0.5)
     assert flipped.hits == 0 and not flipped.memory  # augmented images are never cached
+
+
+def test_folder_training_resumes_exactly_and_its_lora_generates(tmp_path, tiny_folder):
+    from diffusers import StableDiffusionPipeline
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    root = _set(tmp_path / "set")
+
+    def fit(name, epochs, ckpt_path=None, callbacks=()):
+        data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32,
+                                      flip_p=0.5, shuffle_tags=True, shuffle_seed=5)
+        module = SDLoRAModule(str(tiny_folder), lora_rank=4, gradient_checkpointing=True)
+        trainer = pl.Trainer(default_root_dir=tmp_path / name, max_epochs=epochs, accelerator="cpu", logger=False,
+                             enable_checkpointing=bool(callbacks), enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[EmoLossFeed(), *callbacks])
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module
+
+    straight = fit("straight", 3)
+    fit("first", 2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)])
+    resumed = fit("resumed", 3, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=6.ckpt")  # 3 images a epoch
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_folder)
+    pipe.load_lora_weights(resumed.export_lora(tmp_path / "lora.safetensors"))
+    image = pipe("shape, colour 1", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
