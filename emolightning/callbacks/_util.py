@@ -46,7 +46,7 @@ def save_checkpoint_atomically(trainer: "pl.Trainer", path: Union[str, Path]) ->
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial")
-    trainer.save_checkpoint(temporary)
+    trainer.save_checkpoint(temporary, weights_only=False)  # full state: a stage checkpoint resumes
     if trainer.is_global_zero:
         os.replace(temporary, path)
     trainer.strategy.barrier("emolightning_checkpoint")

@@ -59,7 +59,8 @@ class PlateauContinuation(Callback):
             only ``should_stop``: the first steps of a stage then are not judged against a
             fresh, noisy average.
         reset_moments: also drop the optimizers' per-parameter state at a stage change.
-        dirpath: where stage checkpoints go (default: ``<default_root_dir>/stages``).
+        dirpath: where stage checkpoints go (default: the ModelCheckpoint's folder, else
+            ``<default_root_dir>/stages``).
         save_stage_checkpoints: save a Lightning checkpoint at each stage change.
 
     Example:
@@ -231,7 +232,12 @@ class PlateauContinuation(Callback):
                 "loss_in": None, "loss_out": None}
 
     def _stage_dir(self, trainer: "pl.Trainer") -> Path:
-        return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "stages"
+        if self.dirpath is not None:
+            return self.dirpath
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            return Path(checkpoint.dirpath)  # beside the other checkpoints
+        return Path(trainer.default_root_dir) / "stages"
 
     def _plateau(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", value: Optional[float]) -> None:
         step = trainer.global_step

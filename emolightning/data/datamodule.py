@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
 from emolightning.data.captions import Item, augment_caption, scan_folder
+from emolightning.data.shapes import SHAPES, write_shapes
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -99,7 +101,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     The tokenizer is the LightningModule's (``SDLoRAModule.tokenizer``).
 
     Args:
-        root: the image folder.
+        root: the image folder, or ``"builtin:shapes"``: 24 generated pictures of coloured shapes
+            (for the quickstart and tests).
         caption_extension: extension of the caption files.
         missing_caption: ``"folder"``, ``"filename"``, ``"empty"`` or ``"error"``.
         resolution: the side of the square training size; buckets keep its area.
@@ -150,7 +153,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             raise ValueError(f"data.flip_p and data.caption_dropout must be in [0, 1], got {flip_p}, {caption_dropout}")
         self.save_hyperparameters()
         self.hparams.root = str(root)  # checkpoints must load with weights_only=True: no Path objects
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser() if str(root) != SHAPES else None
         self.dataset: Optional[ImageCaptionDataset] = None
         self.val_dataset: Optional[ImageCaptionDataset] = None
         self.skipped: list[tuple[Path, str]] = []
@@ -170,8 +173,17 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             sizes.append(size)
         return kept, sizes
 
+    def prepare_data(self) -> None:
+        if self.hparams.root == SHAPES:
+            write_shapes(self._shapes_dir(), size=self.hparams.resolution)
+
+    def _shapes_dir(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"emolightning-shapes-{self.hparams.resolution}"
+
     def setup(self, stage: str) -> None:
         hp = self.hparams
+        if hp.root == SHAPES:
+            self.root = write_shapes(self._shapes_dir(), size=hp.resolution)
         items, missing = scan_folder(self.root, hp.caption_extension, hp.missing_caption)
         if missing:
             warnings.warn(f"{len(missing)} image(s) in {self.root} have no {hp.caption_extension} caption; used the "

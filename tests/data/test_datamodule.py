@@ -180,3 +180,14 @@ def test_folder_training_resumes_exactly_and_its_lora_generates(tmp_path, tiny_f
     image = pipe("shape, colour 1", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_builtin_shapes_set_is_generated_once_and_deterministically(tmp_path):
+    from emolightning.data.shapes import write_shapes
+
+    first, second = write_shapes(tmp_path / "a"), write_shapes(tmp_path / "b")
+    files = sorted(p.name for p in (first / "2_emoshape").iterdir())
+    assert len(files) == 48 and files == sorted(p.name for p in (second / "2_emoshape").iterdir())
+    assert all((first / "2_emoshape" / f).read_bytes() == (second / "2_emoshape" / f).read_bytes() for f in files)
+    assert (first / "2_emoshape" / "000.txt").read_text().startswith("emoshape, a ")
+    assert write_shapes(tmp_path / "a") == first  # already there: kept as it is

@@ -1,0 +1,40 @@
+"""The emolightning command: fit from the command line, then export the checkpoint's LoRA."""
+
+import pytest
+from safetensors import safe_open
+
+from emolightning.cli import EmoLightningCLI, export, main
+
+pytestmark = pytest.mark.slow
+
+TINY_RUN = ["--model.pretrained=builtin:tiny", "--model.lora_rank=4", "--data.root=builtin:shapes",
+            "--data.resolution=64", "--data.min_bucket=32", "--data.max_bucket=128", "--data.bucket_step=32",
+            "--trainer.accelerator=cpu", "--trainer.max_steps=3", "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false"]
+
+
+def test_fit_then_export(tmp_path, capsys):
+    cli = EmoLightningCLI(args=["fit", *TINY_RUN, f"--trainer.default_root_dir={tmp_path}",
+                                "--model.optimizer=emolightning.optim.EmoLynx", "--model.optimizer.lr=1e-4"])
+    assert cli.trainer.global_step == 3
+    assert type(cli.trainer.optimizers[0]).__name__ == "EmoLynx"
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 1e-4
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    out = export([str(checkpoint), "--out", str(tmp_path / "lora.safetensors"), "--dtype", "fp16"])
+    with safe_open(out, "pt") as handle:
+        keys = list(handle.keys())
+        assert handle.metadata()["ss_network_dim"] == "4"
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_values_are_named_before_anything_loads(tmp_path, capsys):
+    with pytest.raises(ValueError, match="model.lora_rank"):
+        EmoLightningCLI(args=["fit", *TINY_RUN, "--model.lora_rank=0", f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="model.target_preset"):
+        main(["fit", *TINY_RUN, "--model.target_preset=everything", f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(SystemExit):  # jsonargparse: not a known option
+        main(["fit", *TINY_RUN, "--model.no_such_option=1", f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x.safetensors")])
+    assert "no checkpoint file" in capsys.readouterr().err
