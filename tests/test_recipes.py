@@ -14,7 +14,7 @@ def test_there_are_recipes():
     assert [p.name for p in RECIPES] == ["quickstart.yaml"]
 
 
-def test_quickstart_runs_and_writes_its_outputs(tmp_path):
+def test_quickstart_runs_and_writes_its_outputs(tmp_path, capsys):
     cli = EmoLightningCLI(args=["fit", "--config", str(RECIPES[0]), f"--trainer.default_root_dir={tmp_path}",
                                 "--trainer.max_steps=40", "--trainer.enable_progress_bar=false"])
     assert cli.trainer.global_step == 40
@@ -24,3 +24,7 @@ def test_quickstart_runs_and_writes_its_outputs(tmp_path):
     assert (log_dir / "emotion.png").exists() and (log_dir / "config.yaml").exists()
     assert sorted(p.name for p in (log_dir / "samples").glob("*.png")) == ["step000040.png"]
     assert list((log_dir / "checkpoints").glob("shadow-step40.safetensors"))
+    assert sorted(p.name for p in (log_dir / "lora").iterdir()) == ["lora-step40.diffusers.safetensors",
+                                                                    "lora-step40.kohya.safetensors"]
+    summary = capsys.readouterr().out
+    assert "outputs" in summary and "emotion plot" in summary and "LoRA" in summary and "shadow" in summary

@@ -111,6 +111,7 @@ class ShadowCheckpoint(Callback):
         self.loss_steps = 0
         self.rollbacks: list[dict[str, Any]] = []
         self.saved: list[str] = []
+        self.written: list[str] = []  # every file written and still on disk, for RunSummary
         self.best: Optional[float] = None
         self._stages_seen = 0
         self._steps = StepLosses()
@@ -280,10 +281,14 @@ class ShadowCheckpoint(Callback):
         else:
             metadata = {"emolightning.kind": "shadow", "emolightning.step": str(trainer.global_step)}
             path = save_tensors_atomically(shadow, self._dir(trainer) / f"{stem}.safetensors", metadata)
+        if str(path) not in self.written:
+            self.written.append(str(path))
         if periodic:
             self.saved.append(str(path))
             while len(self.saved) > self.keep_last:
-                Path(self.saved.pop(0)).unlink(missing_ok=True)
+                removed = self.saved.pop(0)
+                Path(removed).unlink(missing_ok=True)
+                self.written = [p for p in self.written if p != removed]
         rank_zero_info(f"ShadowCheckpoint: saved {path}")
 
     # ------------------------------------------------------------------------------- state
@@ -291,7 +296,7 @@ class ShadowCheckpoint(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": {k: v.detach().cpu() for k, v in self.shadow.items()},
                 "loss_average": self.loss_average, "loss_steps": self.loss_steps, "rollbacks": self.rollbacks,
-                "saved": self.saved, "best": self.best, "stages_seen": self._stages_seen,
+                "saved": self.saved, "written": self.written, "best": self.best, "stages_seen": self._stages_seen,
                 "last_step": self._steps.last_step}
 
     @override
@@ -301,6 +306,7 @@ class ShadowCheckpoint(Callback):
         self.loss_steps = int(state_dict["loss_steps"])
         self.rollbacks = list(state_dict["rollbacks"])
         self.saved = list(state_dict["saved"])
+        self.written = list(state_dict.get("written", []))
         self.best = state_dict["best"]
         self._stages_seen = int(state_dict["stages_seen"])
         self._steps.last_step = int(state_dict["last_step"])

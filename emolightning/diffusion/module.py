@@ -62,6 +62,8 @@ class SDLoRAModule(pl.LightningModule):
             and reuse its latents (needs ``cache_key`` in batches, which ImageCaptionDataModule
             provides; images with random crops or flips are encoded every time).
         latent_cache_dir: the folder for ``"disk"`` (default ``<default_root_dir>/latent_cache``).
+        export_formats: LoRA files written at the end of fit to ``<log dir>/lora/`` (``"kohya"``,
+            ``"diffusers"``); ``export_half`` writes them in float16.
 
     Example:
         >>> module = SDLoRAModule("builtin:tiny", lora_rank=4)
@@ -94,10 +96,15 @@ class SDLoRAModule(pl.LightningModule):
         sample_guidance_scale: float = 7.5,
         cache_latents: str = "none",
         latent_cache_dir: Optional[str] = None,
+        export_formats: Optional[list[str]] = None,
+        export_half: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(lora_rank, int) or lora_rank < 1:
             raise ValueError(f"model.lora_rank must be a positive integer, got {lora_rank!r}")
+        unknown = set(export_formats or []) - {"kohya", "diffusers"}
+        if unknown:
+            raise ValueError(f"model.export_formats: unknown format(s) {sorted(unknown)}; use 'kohya' and/or 'diffusers'")
         if cache_latents not in ("none", "memory", "disk"):
             raise ValueError(f"model.cache_latents must be 'none', 'memory' or 'disk', got {cache_latents!r}")
         if target_preset not in TARGET_PRESETS:
@@ -130,6 +137,7 @@ class SDLoRAModule(pl.LightningModule):
         self.generator = torch.Generator().manual_seed(seed)
         self.extra_lora_metadata: dict[str, Any] = {}  # filled by the data module (tag frequency, ...)
         self.val_loss = DenoisingLoss()
+        self.exported: list[Path] = []
         self.scheduler_config = parts.scheduler_config
 
     # ------------------------------------------------------------------------- precision
@@ -151,6 +159,15 @@ class SDLoRAModule(pl.LightningModule):
             if mode == "disk":
                 directory = self.hparams.latent_cache_dir or Path(self.trainer.default_root_dir) / "latent_cache"
             self.latent_cache = LatentCache(vae_fingerprint(self.vae), directory)
+
+    def on_train_end(self) -> None:
+        if not self.hparams.export_formats or not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "lora"
+        dtype = torch.float16 if self.hparams.export_half else None
+        for file_format in self.hparams.export_formats:
+            path = folder / f"lora-step{self.trainer.global_step}.{file_format}.safetensors"
+            self.exported.append(self.export_lora(path, format=file_format, dtype=dtype))
 
     # ---------------------------------------------------------------------------- step
     def encode_text(self, input_ids: Tensor) -> Tensor:
