@@ -10,12 +10,45 @@ pytestmark = pytest.mark.slow
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 
 
+TINY = ["--model.pretrained=builtin:tiny", "--data.root=builtin:shapes", "--data.resolution=64",
+        "--data.min_bucket=32", "--data.max_bucket=128", "--data.bucket_step=32", "--data.num_workers=0",
+        "--model.sample_size=64", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+        "--trainer.precision=32-true", "--model.cache_latents=memory"]
+
+
 def test_there_are_recipes():
-    assert [p.name for p in RECIPES] == ["quickstart.yaml"]
+    assert [p.name for p in RECIPES] == ["multi-gpu-ddp.yaml", "quickstart.yaml", "sd15-lora.yaml", "sd2-v-lora.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
+    cli = EmoLightningCLI(args=["--config", str(recipe), *TINY, f"--trainer.default_root_dir={tmp_path}"],
+                          run=False)
+    module, text = cli.model, recipe.read_text()
+    assert type(module).__name__ == "SDLoRAModule" and type(cli.datamodule).__name__ == "ImageCaptionDataModule"
+    assert {"EmoLossFeed", "PlateauContinuation", "ShadowCheckpoint", "EmotionMonitor", "RankConsistency",
+            "RunSummary"} <= {type(cb).__name__ for cb in cli.trainer.callbacks}
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert type(optimizer).__name__ == "EmoNavi"
+    if "sd2-v" in recipe.stem:
+        assert module.noise_scheduler.config.prediction_type == "v_prediction"
+    if "lora_rank: 16" in text:
+        assert module.hparams.lora_rank == 16 and module.hparams.gradient_checkpointing
+    if "multi-gpu" in recipe.stem:
+        assert "strategy: ddp" in text and "use_distributed_sampler: false" in text
+
+
+def test_a_missing_model_path_is_named_before_anything_loads(tmp_path):
+    recipe = next(p for p in RECIPES if p.stem == "sd15-lora")
+    with pytest.raises(FileNotFoundError, match="model.pretrained: '/path/to/stable-diffusion-v1-5'"):
+        EmoLightningCLI(args=["--config", str(recipe), "--trainer.accelerator=cpu",
+                              f"--trainer.default_root_dir={tmp_path}"], run=False)
 
 
 def test_quickstart_runs_and_writes_its_outputs(tmp_path, capsys):
-    cli = EmoLightningCLI(args=["fit", "--config", str(RECIPES[0]), f"--trainer.default_root_dir={tmp_path}",
+    quickstart = next(p for p in RECIPES if p.stem == "quickstart")
+    cli = EmoLightningCLI(args=["fit", "--config", str(quickstart), f"--trainer.default_root_dir={tmp_path}",
                                 "--trainer.max_steps=40", "--trainer.enable_progress_bar=false"])
     assert cli.trainer.global_step == 40
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
