@@ -58,18 +58,6 @@ def trainable_parameters(pl_module: "pl.LightningModule") -> dict[str, Any]:
     return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
 
 
-def save_tensors_atomically(tensors: dict[str, Any], path: Union[str, Path], metadata: dict[str, str]) -> Path:
-    """A safetensors file written to a temporary name and renamed into place."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
-    return path
-
-
 def find_callback(trainer: "pl.Trainer", name: str) -> Any:
     return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
 

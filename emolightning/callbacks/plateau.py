@@ -16,7 +16,11 @@ from rich.table import Table
 from typing_extensions import override
 
 from emolightning.callbacks._util import (
-    StepLosses, emo_optimizers, group_lrs, save_checkpoint_atomically, scale_lrs,
+    StepLosses,
+    emo_optimizers,
+    group_lrs,
+    save_checkpoint_atomically,
+    scale_lrs,
 )
 
 SHOULD_STOP = "should_stop"

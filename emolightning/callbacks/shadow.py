@@ -14,8 +14,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from emolightning._files import save_tensors_atomically
 from emolightning.callbacks._util import (
-    StepLosses, emo_optimizers, find_callback, save_tensors_atomically, trainable_parameters,
+    StepLosses,
+    emo_optimizers,
+    find_callback,
+    trainable_parameters,
 )
 
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")

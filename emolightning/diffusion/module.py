@@ -14,13 +14,19 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from emolightning.callbacks._util import save_tensors_atomically
+from emolightning._files import save_tensors_atomically
+from emolightning.diffusion.export import kohya_metadata, kohya_state_dict, kohya_text_encoder_layers
 from emolightning.diffusion.latent_cache import LatentCache, vae_fingerprint
 from emolightning.diffusion.metrics import DenoisingLoss
-from emolightning.diffusion.export import kohya_metadata, kohya_state_dict, kohya_text_encoder_layers
 from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components, lora_state_dict
 from emolightning.diffusion.noise import (
-    diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, snr, training_scheduler, training_target,
+    diffusion_loss,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    snr,
+    training_scheduler,
+    training_target,
 )
 from emolightning.optim import EmoNavi
 

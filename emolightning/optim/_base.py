@@ -16,7 +16,10 @@ from torch.optim import Optimizer
 
 from emolightning.optim._emotion import Emotion, EmotionSnapshot
 from emolightning.optim._multi_tensor import (
-    CompiledUpdate, check_gradients, group_by_device_and_dtype, scalar_tensor,
+    CompiledUpdate,
+    check_gradients,
+    group_by_device_and_dtype,
+    scalar_tensor,
 )
 
 LossLike = Union[float, int, Tensor]

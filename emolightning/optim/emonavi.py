@@ -9,7 +9,9 @@ from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer
 from emolightning.optim._multi_tensor import (
-    decay_, floored_eps, step_,
+    decay_,
+    floored_eps,
+    step_,
 )
 
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from emolightning.diffusion.noise import (
-    diffusion_loss, min_snr_weights, sample_noise, sample_timesteps, snr, training_scheduler, training_target,
+    diffusion_loss,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    snr,
+    training_scheduler,
+    training_target,
 )
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
