@@ -144,6 +144,9 @@ class SDLoRAModule(pl.LightningModule):
         self.extra_lora_metadata: dict[str, Any] = {}  # filled by the data module (tag frequency, ...)
         self.val_loss = DenoisingLoss()
         self.exported: list[Path] = []
+        self.latent_cache: Optional[LatentCache] = None  # built at fit start when cache_latents is set
+        self._restored_generator: Optional[Tensor] = None
+        self._sampled_at = -1
         self.scheduler_config = parts.scheduler_config
 
     # ------------------------------------------------------------------------- precision
@@ -160,7 +163,7 @@ class SDLoRAModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         mode = self.hparams.cache_latents
-        if mode != "none" and getattr(self, "latent_cache", None) is None:
+        if mode != "none" and self.latent_cache is None:
             directory = None
             if mode == "disk":
                 directory = self.hparams.latent_cache_dir or Path(self.trainer.default_root_dir) / "latent_cache"
@@ -208,7 +211,7 @@ class SDLoRAModule(pl.LightningModule):
         """The loss of one batch; ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
         if "latents" in batch:
             latents = batch["latents"]
-        elif getattr(self, "latent_cache", None) is not None and batch.get("cache_key"):
+        elif self.latent_cache is not None and batch.get("cache_key"):
             latents = self._cached_latents(batch["pixel_values"], batch["cache_key"])
         else:
             latents = self.encode_images(batch["pixel_values"])
@@ -262,7 +265,7 @@ class SDLoRAModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.hparams.sample_every_n_steps
         step = self.trainer.global_step
-        if (every and self.hparams.sample_prompts and step % every == 0 and step != getattr(self, "_sampled_at", -1)
+        if (every and self.hparams.sample_prompts and step % every == 0 and step != self._sampled_at
                 and self.trainer.is_global_zero):
             self._sampled_at = step
             self.save_samples(step)
@@ -337,7 +340,7 @@ class SDLoRAModule(pl.LightningModule):
             self._restored_generator = state
 
     def on_train_start(self) -> None:
-        state = getattr(self, "_restored_generator", None)
+        state = self._restored_generator
         if state is not None:  # setup() re-seeded; a resumed run continues the saved stream
             self.generator.set_state(state)
             self._restored_generator = None
