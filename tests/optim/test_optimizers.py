@@ -296,12 +296,30 @@ def test_multi_tensor_paths_match_the_loop(optimizer_class, path, use_shadow):
         params = _params(dtype=torch.float64)
         optimizer = optimizer_class(params, lr=1e-2, use_shadow=use_shadow, **kwargs)
         _run(optimizer, params, losses)
-        results[name] = ([p.detach() for p in params], optimizer.snapshot())
+        results[name] = ([p.detach() for p in params], optimizer.snapshot(), _states(optimizer, params))
     # EmoClan's float32 second moments round differently once the compiler fuses them.
     rtol = 1e-6 if optimizer_class is EmoClan else 1e-10
     for a, b in zip(results["loop"][0], results[path][0]):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * 1e-2)
     assert results["loop"][1].blend_count == results[path][1].blend_count
+    _assert_states_close(results["loop"][2], results[path][2], rtol)
+
+
+def _states(optimizer, params):
+    """Each parameter's optimizer state: tensors as (dtype, shape, copy), anything else as is."""
+    return [{k: (v.dtype, v.shape, v.detach().clone()) if torch.is_tensor(v) else v
+             for k, v in optimizer.state[p].items()} for p in params]
+
+
+def _assert_states_close(expected, actual, rtol):
+    for want, got in zip(expected, actual):
+        assert sorted(want) == sorted(got)
+        for key, value in want.items():
+            if not isinstance(value, tuple):  # EmoClan's per-parameter loss averages
+                assert got[key] == pytest.approx(value, rel=rtol), key
+                continue
+            assert got[key][:2] == value[:2], key
+            torch.testing.assert_close(got[key][2], value[2], rtol=rtol, atol=rtol * 1e-2)
 
 
 def test_fused_path_does_not_recompile_when_lr_and_drive_change():
