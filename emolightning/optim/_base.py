@@ -259,11 +259,17 @@ class EmoOptimizer(Optimizer):
                           matrix_keys: tuple[str, ...], vector_keys: tuple[str, ...]) -> list[list[Tensor]]:
         """Columns for a factored update: matrices (``dim >= 2``) with their ``matrix_keys``
         state, then vectors and scalars with their ``vector_keys`` state."""
+        states = [self.state[p] for p in owners]
+        if all(p.dim() >= 2 for p in owners):  # all matrices (LoRA): no split, no 0-d views
+            return [ps, gs, *([s[key] for s in states] for key in matrix_keys),
+                    [], [], *([] for _ in vector_keys)]
         columns: list[list[Tensor]] = []
         for is_matrix, keys in ((True, matrix_keys), (False, vector_keys)):
             picked = [i for i, p in enumerate(owners) if (p.dim() >= 2) == is_matrix]
             columns += [[ps[i] for i in picked], [gs[i] for i in picked]]
-            columns += [self._state_list([owners[i] for i in picked], key) for key in keys]
+            for key in keys:
+                tensors = [states[i][key] for i in picked]
+                columns.append(tensors if is_matrix else [t.view(1) if t.dim() == 0 else t for t in tensors])
         return columns
 
     @staticmethod
