@@ -94,6 +94,9 @@ class EmoOptimizer(Optimizer):
         self._warned_no_loss = False
         self._compiled: dict[Any, CompiledUpdate] = {}
         self._plans: dict[int, tuple] = {}
+        # what a subclass derives from a bucket's parameters, keyed (group index, bucket, name);
+        # dropped with the group's plan when its parameters change
+        self._plan_cache: dict[tuple, Any] = {}
 
     def _make_emotion(self) -> Emotion:
         return Emotion(use_shadow=self.use_shadow, history_source=self._history_source)
@@ -285,6 +288,7 @@ class EmoOptimizer(Optimizer):
         if cached is None or cached[0] != key:
             # new parameters (or shapes): forget compiled updates made for the old ones
             self._compiled = {k: v for k, v in self._compiled.items() if k[0] != index}
+            self._plan_cache = {k: v for k, v in self._plan_cache.items() if k[0] != index}
             kinds = {(t.device, t.dtype) for t in lists[0]}
             cached = (key, next(iter(kinds)) if len(kinds) == 1 else None)
             self._plans[index] = cached
