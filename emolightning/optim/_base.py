@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -208,38 +209,45 @@ class EmoOptimizer(Optimizer):
             stacklevel=3,
         )
 
-    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
-        params = [p for p in group["params"] if p.grad is not None]
-        check_gradients(params, type(self).__name__)
-        return params
+    def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's parameters that have a gradient, and their gradients (checked)."""
+        pairs = [(p, g) for p in group["params"] if (g := p.grad) is not None]
+        if not pairs:
+            return [], []
+        params, grads = map(list, zip(*pairs))
+        check_gradients(params, grads, type(self).__name__)
+        return params, grads
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
         return self.state_dtype or p.dtype
 
     def _apply_updates(self) -> None:
+        # Each parameter's gradient and state dict are fetched once per step and handed down:
+        # on hundreds of small LoRA tensors the per-parameter Python work is a visible share
+        # of a compiled step.
         for index, group in enumerate(self.param_groups):
-            params = self._params_with_grad(group)
+            params, grads = self._params_with_grad(group)
             if not params:
                 continue
-            for p in params:
-                if not self.state[p]:
-                    self._init_state(p, self.state[p])
+            states = [self.state[p] for p in params]
+            if not all(states):
+                for p, state in zip(params, states):
+                    if not state:
+                        self._init_state(p, state)
             if self.use_shadow:
                 self._apply_shadow(params)
-            self._update_group(index, group, params)
+            self._update_group(index, group, params, grads, states)
 
-    def _compute_views(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list]:
+    def _compute_views(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list]:
         """Parameters and gradients as the update kernels take them: in the state dtype (copies
         only where the dtypes differ), 0-d tensors as 1-element views, gradients laid out like
         their parameters."""
-        grads = [p.grad for p in params]
         if self.state_dtype is None and all(map(Tensor.is_contiguous, grads)) and all(
                 map(Tensor.is_contiguous, params)) and all(map(Tensor.dim, params)):
             return params, grads, []  # the common case, checked cheaply
-        work, grads, writeback = [], [], []
-        for p in params:
+        work, views, writeback = [], [], []
+        for p, g in zip(params, grads):
             dtype = self._state_dtype_for(p)
-            g = p.grad
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)
             if p.dtype != dtype:
@@ -249,30 +257,29 @@ class EmoOptimizer(Optimizer):
             if p.dim() == 0:
                 p, g = p.view(1), g.view(1)
             work.append(p)
-            grads.append(g)
-        return work, grads, writeback
+            views.append(g)
+        return work, views, writeback
 
-    def _state_list(self, params: list[Tensor], key: str) -> list[Tensor]:
-        tensors = [self.state[p][key] for p in params]
+    @staticmethod
+    def _state_list(states: list[dict[str, Any]], key: str) -> list[Tensor]:
+        """``key``'s tensor from each state dict, 0-d tensors as 1-element views."""
+        tensors = list(map(itemgetter(key), states))
         if all(map(Tensor.dim, tensors)):
             return tensors
         return [t.view(1) if t.dim() == 0 else t for t in tensors]
 
-    def _factored_columns(self, ps: list[Tensor], gs: list[Tensor], owners: list[Tensor],
+    def _factored_columns(self, ps: list[Tensor], gs: list[Tensor], states: list[dict[str, Any]],
                           matrix_keys: tuple[str, ...], vector_keys: tuple[str, ...]) -> list[list[Tensor]]:
         """Columns for a factored update: matrices (``dim >= 2``) with their ``matrix_keys``
         state, then vectors and scalars with their ``vector_keys`` state."""
-        states = [self.state[p] for p in owners]
-        if all(p.dim() >= 2 for p in owners):  # all matrices (LoRA): no split, no 0-d views
-            return [ps, gs, *([s[key] for s in states] for key in matrix_keys),
+        if all(map((2).__le__, map(Tensor.dim, ps))):  # all matrices (LoRA): no split, no 0-d views
+            return [ps, gs, *(list(map(itemgetter(key), states)) for key in matrix_keys),
                     [], [], *([] for _ in vector_keys)]
         columns: list[list[Tensor]] = []
         for is_matrix, keys in ((True, matrix_keys), (False, vector_keys)):
-            picked = [i for i, p in enumerate(owners) if (p.dim() >= 2) == is_matrix]
+            picked = [i for i, p in enumerate(ps) if (p.dim() >= 2) == is_matrix]
             columns += [[ps[i] for i in picked], [gs[i] for i in picked]]
-            for key in keys:
-                tensors = [states[i][key] for i in picked]
-                columns.append(tensors if is_matrix else [t.view(1) if t.dim() == 0 else t for t in tensors])
+            columns += [self._state_list([states[i] for i in picked], key) for key in keys]
         return columns
 
     @staticmethod
@@ -340,7 +347,10 @@ class EmoOptimizer(Optimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
+                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """Update ``params`` (those of ``group`` with a gradient), given their gradients and
+        their (initialised) state dicts."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- observability

@@ -6,7 +6,8 @@ import math
 import types
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Optional, Sequence
+from operator import attrgetter
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -86,9 +87,11 @@ class CompiledUpdate:
         self.eager(*args, **kwargs)
 
 
-def check_gradients(params: Iterable[Tensor], optimizer: str) -> None:
-    for p in params:
-        grad = p.grad
+def check_gradients(params: Sequence[Tensor], grads: Sequence[Tensor], optimizer: str) -> None:
+    """Refuse sparse and complex gradients, naming the parameter's shape."""
+    if not any(map(_is_sparse, grads)) and not any(map(Tensor.is_complex, grads)):
+        return
+    for p, grad in zip(params, grads):
         if grad.is_sparse:
             raise RuntimeError(
                 f"{optimizer} does not support sparse gradients (a parameter of shape "
@@ -99,6 +102,9 @@ def check_gradients(params: Iterable[Tensor], optimizer: str) -> None:
                 f"{optimizer} does not support complex parameters or gradients (shape "
                 f"{tuple(p.shape)}); view them as real with torch.view_as_real."
             )
+
+
+_is_sparse = attrgetter("is_sparse")
 
 
 def decay_(p: Tensor, lr: Any, weight_decay: float) -> None:

@@ -113,8 +113,7 @@ class EmoClan(EmoOptimizer):
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         """Clan creates each rule's state when that rule first runs (see ``_branch_state``)."""
 
-    def _branch_state(self, p: Tensor, branch: str) -> dict[str, Any]:
-        state = self.state[p]
+    def _branch_state(self, p: Tensor, state: dict[str, Any], branch: str) -> None:
         dtype = self._state_dtype_for(p)
 
         def zeros(shape: Any = None, dtype: torch.dtype = dtype) -> Tensor:
@@ -133,7 +132,6 @@ class EmoClan(EmoOptimizer):
         elif branch == "fact" and p.dim() < 2 and "exp_avg_fact" not in state:
             state["exp_avg_fact"] = zeros()
             state["exp_avg_sq_fact"] = zeros(dtype=_FP32)
-        return state
 
     def _apply_shadow(self, params: list[Tensor]) -> None:
         loss = self._emotion.loss
@@ -152,25 +150,26 @@ class EmoClan(EmoOptimizer):
                 p.mul_(1 - ratio).add_(state["shadow"].to(p.dtype), alpha=ratio)
             state["shadow"].lerp_(p.to(state["shadow"].dtype), 0.05)
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
+                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
         branch = self._branch()
-        for p in params:
-            self._branch_state(p, branch)
-        work, grads, writeback = self._compute_views(params)
+        for p, state in zip(params, states):
+            self._branch_state(p, state, branch)
+        work, grads, writeback = self._compute_views(params, grads)
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
-        for bucket, (ps, gs, owners) in self._buckets(index, params, [work, grads, params]).items():
+        for bucket, (ps, gs, sts) in self._buckets(index, params, [work, grads, states]).items():
             if branch == "lynx":
                 if group["decoupled_weight_decay"]:
                     wd = wd / self._init_lr
-                columns = [ps, gs, self._state_list(owners, "exp_avg_lynx")]
+                columns = [ps, gs, self._state_list(sts, "exp_avg_lynx")]
                 rule, foreach_rule, args = lynx_update, lynx_update_foreach, (*group["lynx_betas"], wd)
             elif branch == "navi":
-                columns = [ps, gs, self._state_list(owners, "exp_avg_navi"),
-                           self._state_list(owners, "exp_avg_sq_navi")]
+                columns = [ps, gs, self._state_list(sts, "exp_avg_navi"),
+                           self._state_list(sts, "exp_avg_sq_navi")]
                 rule, foreach_rule, args = clan_navi_update, None, (beta1, beta2, eps, wd)
             else:
-                columns = self._factored_columns(ps, gs, owners, ("exp_avg_r_fact", "exp_avg_c_fact"),
+                columns = self._factored_columns(ps, gs, sts, ("exp_avg_r_fact", "exp_avg_c_fact"),
                                                  ("exp_avg_fact", "exp_avg_sq_fact"))
                 rule, foreach_rule, args = clan_fact_update, None, (beta1, beta2, eps, wd)
             self._dispatch(index, bucket, branch, rule, foreach_rule, columns, group["lr"],

@@ -151,10 +151,11 @@ class EmoFact(EmoOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
-        work, grads, writeback = self._compute_views(params)
-        for bucket, (ps, gs, owners) in self._buckets(index, params, [work, grads, params]).items():
-            columns = self._factored_columns(ps, gs, owners, ("exp_avg_r", "exp_avg_c"), ("exp_avg_sq",))
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
+                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        work, grads, writeback = self._compute_views(params, grads)
+        for bucket, (ps, gs, sts) in self._buckets(index, params, [work, grads, states]).items():
+            columns = self._factored_columns(ps, gs, sts, ("exp_avg_r", "exp_avg_c"), ("exp_avg_sq",))
             update = fact_update
             if self.fused:
                 columns.insert(4, self._shared_ones(index, bucket, columns[0]))

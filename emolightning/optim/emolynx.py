@@ -77,9 +77,10 @@ class EmoLynx(EmoOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype_for(p),
                                             memory_format=torch.preserve_format)
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
-        work, grads, writeback = self._compute_views(params)
-        lists = [work, grads, self._state_list(params, "exp_avg")]
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
+                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        work, grads, writeback = self._compute_views(params, grads)
+        lists = [work, grads, self._state_list(states, "exp_avg")]
         for bucket, columns in self._buckets(index, params, lists).items():
             self._dispatch(index, bucket, "lynx", lynx_update, lynx_update_foreach, columns,
                            group["lr"], self._emotion.drive, *group["betas"], group["weight_decay"])

@@ -103,9 +103,10 @@ class EmoNavi(EmoOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
-        work, grads, writeback = self._compute_views(params)
-        lists = [work, grads, self._state_list(params, "exp_avg"), self._state_list(params, "exp_avg_sq")]
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
+                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        work, grads, writeback = self._compute_views(params, grads)
+        lists = [work, grads, self._state_list(states, "exp_avg"), self._state_list(states, "exp_avg_sq")]
         beta1, beta2 = group["betas"]
         for bucket, columns in self._buckets(index, params, lists).items():
             self._dispatch(index, bucket, "navi", navi_update, navi_update_foreach, columns,
