@@ -15,6 +15,14 @@ from emolightning.optim._multi_tensor import (
 )
 
 
+# Matrices of up to this many elements share loops on the fused path (fact_update_fused): 16
+# of them (Inductor's horizontal-fusion limit) take 4 MiB in float32, so a group stays in cache
+# between its row, column and step passes. Larger matrices are memory-bound; each keeps its own
+# loops, which reread it from cache (grouping 8 matrices of 2048x2048 made the step 20-40 %
+# slower).
+SHARED_LOOP_NUMEL = 1 << 16
+
+
 def _matrix_update(p: Tensor, g: Tensor, r: Tensor, c: Tensor, lr: Any, drive: Any, beta1: float,
                    eps: float, weight_decay: float, one: Optional[Tensor] = None) -> None:
     """One matrix (``dim >= 2``); ``one``, if given, is a tensor of ones that multiplies ``g * g``
@@ -63,7 +71,8 @@ def fact_update_fused(params: list[Tensor], grads: list[Tensor], rows: list[Tens
     loops per matrix, each ending in a thread barrier); on many small LoRA matrices those
     loops cost more than the arithmetic. Here the matrices are visited grouped by shape, and
     ``g * g`` and the sign step are multiplied by a tensor of ones shaped like one row of the
-    matrix, ``(1, *shape[1:])``: ``ones`` holds one per distinct row shape. Multiplying by one
+    matrix, ``(1, *shape[1:])``: ``ones`` holds one per distinct row shape of the matrices with
+    at most :data:`SHARED_LOOP_NUMEL` elements (larger ones are left alone). Multiplying by one
     changes no value, but same-shaped matrices then read a common input, which is what
     Inductor looks for before it computes several reductions or steps in one loop: up to 16
     same-shaped matrices share one loop for their row sums, one for their column sums and
@@ -73,8 +82,9 @@ def fact_update_fused(params: list[Tensor], grads: list[Tensor], rows: list[Tens
     """
     one_for = {tuple(one.shape[1:]): one for one in ones}
     for i in sorted(range(len(params)), key=lambda i: tuple(params[i].shape)):
-        _matrix_update(params[i], grads[i], rows[i], cols[i], lr, drive, beta1, eps,
-                       weight_decay, one=one_for[tuple(params[i].shape[1:])])
+        p = params[i]
+        one = one_for[tuple(p.shape[1:])] if p.numel() <= SHARED_LOOP_NUMEL else None
+        _matrix_update(p, grads[i], rows[i], cols[i], lr, drive, beta1, eps, weight_decay, one=one)
     for p, g, v in zip(params_1d, grads_1d, exp_avg_sqs):
         _vector_update(p, g, v, lr, drive, beta1, beta2, weight_decay)
 
@@ -167,13 +177,14 @@ class EmoFact(EmoOptimizer):
 
     def _shared_ones(self, index: int, bucket: tuple, matrices: list[Tensor]) -> list[Tensor]:
         """For :func:`fact_update_fused`: one ``(1, *shape[1:])`` tensor of ones per distinct row
-        shape among ``matrices``. Kept with the bucket's plan; not optimizer state."""
+        shape among the ``matrices`` of at most ``SHARED_LOOP_NUMEL`` elements. Kept with the
+        bucket's plan; not optimizer state."""
         key = (index, bucket, "ones")
         ones = self._plan_cache.get(key)
         if ones and ones[0].device != matrices[0].device:  # parameters moved after the plan was made
             ones = None
         if ones is None:
-            rows = {tuple(m.shape[1:]): m for m in matrices}
+            rows = {tuple(m.shape[1:]): m for m in matrices if m.numel() <= SHARED_LOOP_NUMEL}
             ones = self._plan_cache[key] = [torch.ones((1, *row), dtype=m.dtype, device=m.device)
                                             for row, m in rows.items()]
         return ones

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
+from emolightning.optim.emofact import SHARED_LOOP_NUMEL
 from tests.optim.conftest import MODERN, regression_loss, regression_params
 
 SHAPES = [(), (7,), (5, 3), (4, 3, 3, 2)]
@@ -323,13 +324,17 @@ def _assert_states_close(expected, actual, rtol):
 
 
 # Many LoRA-like matrices of a few interleaved shapes, a conv kernel and vectors: the fused
-# EmoFact update visits matrices grouped by shape and multiplies by shared ones tensors.
-GROUPED_SHAPES = [(6, 4), (4, 6), (6, 4), (3, 5, 2, 2), (4, 6), (6, 4), (9,), (4, 6), (), (6, 4)]
+# EmoFact update visits matrices grouped by shape and multiplies the small ones by shared ones
+# tensors; (300, 300) is above SHARED_LOOP_NUMEL and keeps its own loops, though (2, 300)
+# has the same row shape.
+GROUPED_SHAPES = [(6, 4), (4, 6), (6, 4), (3, 5, 2, 2), (4, 6), (6, 4), (9,), (4, 6), (), (6, 4),
+                  (300, 300), (2, 300)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fact_fused_matches_the_loop_on_grouped_shapes(dtype):
     losses = [1.0, 0.7, 0.75, 0.72, 0.5, 0.45, 0.9, 0.3, 0.31, 0.29]
+    assert 300 * 300 > SHARED_LOOP_NUMEL >= 2 * 300
     results = {}
     for name, kwargs in (("loop", {"foreach": False}), ("fused", {"fused": True})):
         params = _params(shapes=GROUPED_SHAPES, dtype=dtype)
