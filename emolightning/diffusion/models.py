@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from typing import Any, Optional
 import torch
 
 TINY = "builtin:tiny"
+TINY_XL = "builtin:tiny-sdxl"
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     # attention projections, as diffusers' train_text_to_image_lora.py
@@ -26,7 +29,8 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion model a LoRA trainer needs."""
+    """The parts of a Stable Diffusion model a LoRA trainer needs (SDXL adds a second text
+    encoder and tokenizer)."""
 
     unet: Any
     vae: Any
@@ -34,32 +38,59 @@ class SDComponents:
     tokenizer: Any
     scheduler_config: dict
     source: str
+    family: str = "sd1"
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
 
-def load_components(pretrained: str) -> SDComponents:
-    """Load a local diffusers folder, or build the built-in tiny model (``"builtin:tiny"``).
+def folder_family(folder: Path) -> str:
+    """``"sdxl"`` (two text encoders, ``text_time`` micro-conditioning), ``"sd2"`` (1024-wide
+    cross-attention) or ``"sd1"``, read from a diffusers folder's configs."""
+    config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    if config.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
+        return "sdxl"
+    return "sd2" if config.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def load_components(pretrained: str, family: Optional[str] = None) -> SDComponents:
+    """Load a local diffusers folder, or build a built-in tiny model (``"builtin:tiny"``: SD 1.x
+    layout; ``"builtin:tiny-sdxl"``: SDXL layout).
+
+    Args:
+        pretrained: the folder, or a built-in name.
+        family: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` to override what the folder's configs say.
 
     Raises:
         FileNotFoundError: with what to do, when ``pretrained`` is not a diffusers folder.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"model.model_family must be one of {list(FAMILIES)} (or unset: read from the model), "
+                         f"got {family!r}")
     scratch = None
-    if pretrained == TINY:
-        from emolightning.diffusion.tiny import build_tiny_sd
+    if pretrained in (TINY, TINY_XL):
+        from emolightning.diffusion.tiny import build_tiny_sd, build_tiny_sdxl
 
         scratch = Path(tempfile.mkdtemp(prefix="emolightning-tiny-"))
-        folder = build_tiny_sd(scratch / "model")
+        folder = (build_tiny_sdxl if pretrained == TINY_XL else build_tiny_sd)(scratch / "model")
     else:
         folder = Path(pretrained).expanduser()
         if not (folder / "model_index.json").is_file():
             hint = ("a single .safetensors/.ckpt file is not supported yet: convert it to a diffusers "
                     "folder first" if folder.is_file() else "pass a local diffusers folder (one with "
-                    "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or 'builtin:tiny'")
+                    "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), 'builtin:tiny' "
+                    "or 'builtin:tiny-sdxl'")
             raise FileNotFoundError(f"model.pretrained: {pretrained!r} is not a diffusers model folder; {hint}")
     try:
+        found = folder_family(folder)
+        family = family or found
+        if (family == "sdxl") != (found == "sdxl"):
+            raise ValueError(f"model.model_family={family!r}, but {pretrained} holds an {found} model; leave "
+                             "model_family unset to use what the folder says")
+        xl = family == "sdxl"
         return SDComponents(
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
             vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
@@ -67,6 +98,9 @@ def load_components(pretrained: str) -> SDComponents:
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             scheduler_config=dict(DDPMScheduler.load_config(folder, subfolder="scheduler")),
             source=pretrained if scratch is not None else str(folder),
+            family=family,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2") if xl else None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2") if xl else None,
         )
     finally:
         if scratch is not None:  # the tiny model now lives in memory
