@@ -5,8 +5,9 @@ inverse of one of diffusers' single-file converters, and the tests prove it by r
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor

@@ -3,8 +3,11 @@
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint,
-                                                 convert_open_clip_checkpoint)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from emolightning.diffusion.tiny import build_tiny_sdxl
