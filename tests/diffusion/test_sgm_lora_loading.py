@@ -37,7 +37,7 @@ def test_sdxl_layout_sgm_names_load_onto_every_module_kind():
     state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(lora), unet_config=unet.config)
     StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="k")
 
-    for path, base in targets.items():
+    for path in targets:
         module = unet.get_submodule(path)
         assert hasattr(module, "lora_A"), f"{path} got no LoRA"
         name = kohya_unet_name(path, unet.config)

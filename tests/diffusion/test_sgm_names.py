@@ -40,11 +40,13 @@ def test_diffusers_converter_inverts_the_mapping(name):
 
 def test_every_lora_target_kind_of_sdxl():
     cases = {
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
         "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0":
             "input_blocks.8.1.transformer_blocks.9.attn2.to_out.0",
         "down_blocks.1.attentions.1.proj_in": "input_blocks.5.1.proj_in",
-        "mid_block.attentions.0.transformer_blocks.3.ff.net.0.proj": "middle_block.1.transformer_blocks.3.ff.net.0.proj",
+        "mid_block.attentions.0.transformer_blocks.3.ff.net.0.proj":
+            "middle_block.1.transformer_blocks.3.ff.net.0.proj",
         "mid_block.resnets.0.conv1": "middle_block.0.in_layers.2",
         "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
         "up_blocks.0.attentions.2.proj_out": "output_blocks.2.1.proj_out",
