@@ -51,7 +51,12 @@ class SDLoRAModule(pl.LightningModule):
     Args:
         pretrained: a local diffusers folder, ``"builtin:tiny"`` (a tiny random SD 1.x) or
             ``"builtin:tiny-sdxl"``.
-        model_family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: read from the model's configs.
+            A single ``.safetensors``/``.ckpt`` checkpoint in the original layout (how most
+            models are published) works with ``base_config``.
+        base_config: for a single-file ``pretrained``: a local diffusers folder of the same
+            model family to take the configs, tokenizers and scheduler settings from (offline
+            there is no other source for them; its weight files are not needed).
+        model_family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: read from the model.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``; default: the model's scheduler.
         lora_rank: LoRA rank.
         lora_alpha: LoRA alpha (scale = alpha / rank); default: the rank.
@@ -99,6 +104,7 @@ class SDLoRAModule(pl.LightningModule):
     def __init__(
         self,
         pretrained: str = TINY,
+        base_config: Optional[str] = None,
         model_family: Optional[str] = None,
         prediction_type: Optional[str] = None,
         lora_rank: int = 16,
@@ -146,13 +152,13 @@ class SDLoRAModule(pl.LightningModule):
             raise ValueError("model.cache_text_embeddings needs frozen text encoders; it cannot be combined with "
                              "model.train_text_encoder=true (turn one of them off)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        for key in ("pretrained", "latent_cache_dir"):  # checkpoints load with weights_only=True: no Paths
+        for key in ("pretrained", "base_config", "latent_cache_dir"):  # checkpoints load with weights_only=True: no Paths
             if self.hparams[key] is not None:
                 self.hparams[key] = str(self.hparams[key])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
         self.strict_loading = False  # checkpoints hold the LoRA weights only
-        parts = load_components(pretrained, model_family)
+        parts = load_components(pretrained, model_family, base_config)
         self.family = parts.family
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.text_encoder_2 = parts.text_encoder_2  # SDXL only

@@ -240,3 +240,25 @@ def test_kohya_sdxl_file_uses_sgm_names_and_sdxl_metadata(tmp_path, xl_folder, p
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_v2"] == "False"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert metadata["ss_network_alpha"] == "3.0"
+
+
+def test_a_single_file_sdxl_checkpoint_trains_like_its_diffusers_folder(tmp_path, xl_folder, monkeypatch):
+    import shutil
+
+    from tests.diffusion.ldm_files import write_single_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    file = write_single_file(xl_folder, tmp_path / "my-sdxl.safetensors")
+    configs = shutil.copytree(xl_folder, tmp_path / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ValueError, match="model.base_config"):
+        SDLoRAModule(str(file))
+    trained = []
+    for pretrained, base_config in ((str(file), str(configs)), (str(xl_folder), None)):
+        module = SDLoRAModule(pretrained, base_config=base_config, lora_rank=4,
+                              optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        assert module.family == "sdxl" and module.hparams.base_config == base_config
+        _fit(module, tmp_path, Captioned(module), 2)
+        trained.append({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
+    assert trained[0].keys() == trained[1].keys()
+    for name, value in trained[1].items():
+        torch.testing.assert_close(trained[0][name], value, rtol=1e-5, atol=1e-6)
