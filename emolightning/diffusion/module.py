@@ -188,6 +188,7 @@ class SDLoRAModule(pl.LightningModule):
         self.latent_cache: Optional[LatentCache] = None  # built at fit start when cache_latents is set
         self._restored_generator: Optional[Tensor] = None
         self._sampled_at = -1
+        self._output_dir: Optional[Path] = None
         self.scheduler_config = parts.scheduler_config
 
     @property
@@ -211,7 +212,17 @@ class SDLoRAModule(pl.LightningModule):
                     if not p.requires_grad:
                         p.data = p.data.to(half)
 
+    def output_dir(self) -> Path:
+        """Where LoRA files and samples go: the Trainer's log folder (or ``default_root_dir``)."""
+        if self._output_dir is None:
+            # under DDP reading trainer.log_dir is a broadcast every rank must join, hence once
+            # here (on_fit_start runs on all ranks), not in the rank-zero-only writers
+            self._output_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return self._output_dir
+
     def on_fit_start(self) -> None:
+        self._output_dir = None
+        self.output_dir()
         if self.text_cache is not None:
             data = getattr(self.trainer, "datamodule", None)
             hp = getattr(data, "hparams", {})
@@ -233,7 +244,7 @@ class SDLoRAModule(pl.LightningModule):
     def on_train_end(self) -> None:
         if not self.hparams.export_formats or not self.trainer.is_global_zero:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "lora"
+        folder = self.output_dir() / "lora"
         dtype = torch.float16 if self.hparams.export_half else None
         for file_format in self.hparams.export_formats:
             path = folder / f"lora-step{self.trainer.global_step}.{file_format}.safetensors"
@@ -301,7 +312,9 @@ class SDLoRAModule(pl.LightningModule):
             scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
             ids = default_time_ids(latents.shape[0], latents.shape[2] * scale, latents.shape[3] * scale)
         return {"encoder_hidden_states": hidden,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(device=latents.device, dtype=pooled.dtype)}}
+                # float32 time ids: their sinusoidal embedding is computed in float32 anyway, and
+                # sizes such as 1365 are not exact in bf16
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(device=latents.device, dtype=torch.float32)}}
 
     def _vae_encode(self, pixel_values: Tensor) -> Any:
         # runs at the VAE's own dtype: a VAE kept in fp32 must not be autocast down to fp16
@@ -409,9 +422,14 @@ class SDLoRAModule(pl.LightningModule):
             for index, prompt in enumerate(prompts):
                 generator = torch.Generator(device="cpu").manual_seed(base + index)
                 with torch.autocast(self.device.type, enabled=self.unet.dtype != torch.float32 and self.device.type == "cuda"):
-                    images += pipe(prompt, height=self.hparams.sample_size, width=self.hparams.sample_size,
+                    latents = pipe(prompt, height=self.hparams.sample_size, width=self.hparams.sample_size,
                                    num_inference_steps=self.hparams.sample_inference_steps,
-                                   guidance_scale=self.hparams.sample_guidance_scale, generator=generator).images
+                                   guidance_scale=self.hparams.sample_guidance_scale, generator=generator,
+                                   output_type="latent").images
+                # decoded outside autocast, at the VAE's own dtype: a VAE kept in fp32 stays fp32
+                with torch.autocast(self.device.type, enabled=False):
+                    decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                images += pipe.image_processor.postprocess(decoded.float(), output_type="pil")
             return images
         finally:
             self.train(was_training)
@@ -442,7 +460,7 @@ class SDLoRAModule(pl.LightningModule):
         grid = Image.new("RGB", (width * len(images), height))
         for index, image in enumerate(images):
             grid.paste(image, (index * width, 0))
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        folder = self.output_dir() / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path, temporary = folder / f"step{step:06d}.png", folder / f".step{step:06d}.png.partial"
         grid.save(temporary, format="PNG")

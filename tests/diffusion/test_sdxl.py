@@ -262,3 +262,36 @@ def test_a_single_file_sdxl_checkpoint_trains_like_its_diffusers_folder(tmp_path
     assert trained[0].keys() == trained[1].keys()
     for name, value in trained[1].items():
         torch.testing.assert_close(trained[0][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_sdxl_from_the_command_line_then_export(tmp_path):
+    from emolightning.cli import EmoLightningCLI, export
+
+    cli = EmoLightningCLI(args=["fit", "--model.pretrained=builtin:tiny-sdxl", "--model.lora_rank=4",
+                                "--model.train_text_encoder=true", "--data.root=builtin:shapes",
+                                "--data.resolution=64", "--data.min_bucket=32", "--data.max_bucket=128",
+                                "--data.bucket_step=32", "--trainer.accelerator=cpu", "--trainer.max_steps=2",
+                                "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                                f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 2 and cli.model.family == "sdxl"
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    out = export([str(checkpoint), "--out", str(tmp_path / "xl.safetensors")])
+    with safe_open(out, "pt") as handle:
+        keys = list(handle.keys())
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+
+
+@pytest.mark.parametrize("pretrained", ["builtin:tiny", "builtin:tiny-sdxl"])
+def test_sample_images_are_the_pipelines_images(pretrained):
+    import numpy as np
+
+    module = SDLoRAModule(pretrained, lora_rank=4, sample_size=64, sample_inference_steps=2, seed=3)
+    ours = module.generate(["a red circle", "a blue square"])
+    pipe = module.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    for index, prompt in enumerate(["a red circle", "a blue square"]):
+        theirs = pipe(prompt, height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
+                      generator=torch.Generator().manual_seed(3 + index)).images[0]
+        assert np.array_equal(np.asarray(ours[index]), np.asarray(theirs))
