@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from emolightning._default_logger import default_logger
 from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import SDLoRAModule
 from emolightning.diffusion.module import DEFAULT_LR
@@ -68,7 +71,9 @@ class EmoLightningCLI(LightningCLI):
     The resolved config is saved beside each run and is never overwritten: re-running into a
     run folder that has one stops with a message. The data module shards its own batches, so
     ``trainer.use_distributed_sampler`` defaults to false. Learning rates are checked before
-    anything is built (see :func:`check_learning_rates`).
+    anything is built (see :func:`check_learning_rates`). Without a configured
+    ``trainer.logger`` the run logs to TensorBoard, or to CSV (``metrics.csv``) with a message
+    when TensorBoard cannot be imported.
 
     Example:
         >>> cli = EmoLightningCLI(args=["--config", "recipes/quickstart.yaml"], run=False)
@@ -81,6 +86,15 @@ class EmoLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         check_learning_rates(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        # logger=None/True means "the default"; fast_dev_run and barebones runs log nothing anyway
+        if (trainer.get("logger") in (None, True) and "logger" not in kwargs
+                and not trainer.get("fast_dev_run") and not trainer.get("barebones")):
+            kwargs["logger"] = default_logger(trainer.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
 
 
 def export(argv: Optional[list[str]] = None) -> Path:

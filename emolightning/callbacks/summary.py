@@ -29,7 +29,9 @@ class RunSummary(Callback):
     def outputs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[tuple[str, str]]:
         rows: list[tuple[str, str]] = []
         if trainer.log_dir:
-            rows.append(("logs (tensorboard --logdir)", trainer.log_dir))
+            kind = type(trainer.logger).__name__ if trainer.logger is not None else ""
+            label = {"TensorBoardLogger": "logs (tensorboard --logdir)", "CSVLogger": "logs (metrics.csv)"}
+            rows.append((label.get(kind, "logs"), trainer.log_dir))
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:
             latest = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
