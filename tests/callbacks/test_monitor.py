@@ -98,3 +98,26 @@ def test_without_a_logger_the_plot_still_lands_in_the_root_dir(tmp_path):
     _fit(tmp_path, False, [monitor], epochs=1)
     assert monitor.plot_path == tmp_path / "emotion.png"
     _assert_png(monitor.plot_path)
+
+
+@pytest.mark.distributed
+def test_under_ddp_the_plot_and_summary_come_from_rank_zero_without_a_hang(tmp_path, capfd):
+    import os
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from emolightning.callbacks import RunSummary
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=4, accelerator="cpu", devices=2,
+                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                         logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                         callbacks=[EmoLossFeed(), EmotionMonitor(), RunSummary()])
+    trainer.fit(Model(), _loader())
+    log_dir = tmp_path / "csv" / "version_0"
+    _assert_png(log_dir / "emotion.png")
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["version_0"]
+    out = capfd.readouterr().out
+    assert out.count("Run finished at step 4: outputs") == 1 and "logs (metrics.csv)" in out
