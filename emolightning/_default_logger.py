@@ -8,7 +8,7 @@ from typing import Optional
 from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 INSTALL_HINT = "pip install tensorboard"
 
@@ -46,6 +46,7 @@ def default_logger(save_dir: str) -> Logger:
     if problem is None:
         return TensorBoardLogger(save_dir=save_dir, version=version)
     logger = CSVLogger(save_dir=save_dir, version=version)
-    rank_zero_info(f"TensorBoard is not available ({problem}), so this run logs to CSV: "
-                   f"{logger.log_dir}/metrics.csv. For TensorBoard logs, `{INSTALL_HINT}` and run again.")
+    if rank_zero_only.rank == 0:  # other ranks must not fix the logger's version by asking for its folder
+        rank_zero_info(f"TensorBoard is not available ({problem}), so this run logs to CSV: "
+                       f"{logger.log_dir}/metrics.csv. For TensorBoard logs, `{INSTALL_HINT}` and run again.")
     return logger

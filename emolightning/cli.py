@@ -16,6 +16,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from emolightning._default_logger import default_logger
+from emolightning._trainer import CLITrainer, ShareLogDir
 from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import SDLoRAModule
 from emolightning.diffusion.module import DEFAULT_LR
@@ -73,7 +74,8 @@ class EmoLightningCLI(LightningCLI):
     ``trainer.use_distributed_sampler`` defaults to false. Learning rates are checked before
     anything is built (see :func:`check_learning_rates`). Without a configured
     ``trainer.logger`` the run logs to TensorBoard, or to CSV (``metrics.csv``) with a message
-    when TensorBoard cannot be imported.
+    when TensorBoard cannot be imported. The Trainer is a :class:`~emolightning._trainer.CLITrainer`,
+    so code that reads ``trainer.log_dir`` on rank 0 alone does not hang a DDP run.
 
     Example:
         >>> cli = EmoLightningCLI(args=["--config", "recipes/quickstart.yaml"], run=False)
@@ -82,6 +84,7 @@ class EmoLightningCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
+        kwargs.setdefault("trainer_class", CLITrainer)
         super().__init__(SDLoRAModule, ImageCaptionDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -94,7 +97,9 @@ class EmoLightningCLI(LightningCLI):
         if (trainer.get("logger") in (None, True) and "logger" not in kwargs
                 and not trainer.get("fast_dev_run") and not trainer.get("barebones")):
             kwargs["logger"] = default_logger(trainer.get("default_root_dir") or os.getcwd())
-        return super().instantiate_trainer(**kwargs)
+        instance = super().instantiate_trainer(**kwargs)
+        instance.callbacks.insert(0, ShareLogDir())  # rank-0-only reads of trainer.log_dir cannot hang a DDP run
+        return instance
 
 
 def export(argv: Optional[list[str]] = None) -> Path:
