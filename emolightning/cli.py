@@ -21,6 +21,8 @@ from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import SDLoRAModule
 from emolightning.diffusion.module import DEFAULT_LR
 
+__all__ = ["EmoLightningCLI", "check_learning_rates", "export", "main"]
+
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -74,8 +76,12 @@ class EmoLightningCLI(LightningCLI):
     ``trainer.use_distributed_sampler`` defaults to false. Learning rates are checked before
     anything is built (see :func:`check_learning_rates`). Without a configured
     ``trainer.logger`` the run logs to TensorBoard, or to CSV (``metrics.csv``) with a message
-    when TensorBoard cannot be imported. The Trainer is a :class:`~emolightning._trainer.CLITrainer`,
-    so code that reads ``trainer.log_dir`` on rank 0 alone does not hang a DDP run.
+    when TensorBoard cannot be imported. All processes agree on ``trainer.log_dir`` once, at
+    setup, so code that reads it on rank 0 alone does not hang a DDP run.
+
+    Args:
+        *args, **kwargs: as for ``LightningCLI`` (``args``, ``run``, ``save_config_kwargs``,
+            ``trainer_defaults``, ...); the model and data classes are fixed.
 
     Example:
         >>> cli = EmoLightningCLI(args=["--config", "recipes/quickstart.yaml"], run=False)
@@ -103,7 +109,21 @@ class EmoLightningCLI(LightningCLI):
 
 
 def export(argv: Optional[list[str]] = None) -> Path:
-    """``emolightning export CHECKPOINT --out FILE [--format kohya|diffusers] [--dtype fp16] [--shadow]``"""
+    """``emolightning export CHECKPOINT --out FILE [--format kohya|diffusers] [--dtype fp16] [--shadow]``.
+
+    Rebuilds the SDLoRAModule from the checkpoint's hyperparameters (the base model must be
+    where it was when training), loads the checkpoint's LoRA weights, or with ``--shadow`` the
+    ShadowCheckpoint's shadow, and writes one LoRA file.
+
+    Args:
+        argv: the command's arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The path of the file written.
+
+    Example:
+        >>> export(["runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt", "--out", "my_lora.safetensors"])
+    """
     parser = argparse.ArgumentParser(prog="emolightning export",
                                      description="Write the LoRA of a Lightning checkpoint as a .safetensors file.")
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written while training SDLoRAModule")
@@ -132,6 +152,15 @@ def export(argv: Optional[list[str]] = None) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """The ``emolightning`` console script: ``export`` goes to :func:`export`, everything else
+    (``fit``, ``validate``, ``--help``) to :class:`EmoLightningCLI`.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Example:
+        >>> main(["fit", "--config", "recipes/quickstart.yaml"])
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export":
         export(argv[1:])

@@ -129,8 +129,8 @@ def test_the_exported_lora_is_what_every_rank_holds(ddp_run, tmp_path):
     assert plateau["stage"] == 2 and len(plateau["stages"]) == 3
     # the LoRA files the run wrote hold exactly the checkpoint's weights, in both formats
     for file_format in ("kohya", "diffusers"):
-        again = export([str(log_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / f"{file_format}.safetensors"),
-                        "--format", file_format])
+        again = export([str(log_dir / "checkpoints" / "last.ckpt"), "--format", file_format,
+                        "--out", str(tmp_path / f"{file_format}.safetensors")])
         written = log_dir / "lora" / f"lora-step{STEPS}.{file_format}.safetensors"
         with safe_open(written, "pt") as a, safe_open(again, "pt") as b:
             assert set(a.keys()) == set(b.keys()) and len(a.keys()) > 0
