@@ -84,7 +84,8 @@ class StepLosses:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss):
             self._pending.append(undo_accumulation(trainer, pl_module, loss.detach().float()))
-        if trainer.global_step == self.last_step:
+        # global_step 0 at the end of a batch: the first accumulation window has not stepped yet
+        if trainer.global_step == self.last_step or trainer.global_step == 0:
             return False, None
         self.last_step = trainer.global_step
         mean = torch.stack(self._pending).mean() if self._pending else None
