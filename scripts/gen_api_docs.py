@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "api.md"
 PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.diffusion",
             "emolightning.data", "emolightning.cli"]
-EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd"]}
+EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl"],
+         "emolightning.diffusion.single_file": ["detect_family", "load_single_file"],
+         "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"]}
 SECTIONS = ("Args", "Arguments", "Attributes", "Returns", "Raises", "Example", "Examples", "Note", "Notes")
 LISTS = ("Args", "Arguments", "Attributes")  # sections whose entries are "name: text"
 # Lightning calls these hooks itself; a user never does, so they are not listed as methods
