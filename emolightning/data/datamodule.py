@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
 from emolightning.data.captions import Item, augment_caption, scan_folder
 from emolightning.data.shapes import SHAPES, write_shapes
+from emolightning.diffusion.conditioning import tokenize
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -83,16 +84,11 @@ class ImageCaptionDataset(Dataset):
         augmented = self.random_crop or bool(self.flip_p)
         stat = item.path.stat()
         key = "" if augmented else f"{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.buckets[index]}|center"
-        out = {"pixel_values": pixels, "input_ids": self._tokenize(self.tokenizer, caption), "cache_key": key,
+        out = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, caption), "cache_key": key,
                "time_ids": torch.tensor([*original, *crop, height, width], dtype=torch.float32)}
         if self.tokenizer_2 is not None:
-            out["input_ids_2"] = self._tokenize(self.tokenizer_2, caption)
+            out["input_ids_2"] = tokenize(self.tokenizer_2, caption)
         return out
-
-    @staticmethod
-    def _tokenize(tokenizer: Any, caption: str) -> torch.Tensor:
-        return tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids[0]
 
 
 class _EpochBatches(BucketBatchSampler):

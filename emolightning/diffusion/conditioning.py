@@ -4,10 +4,18 @@ embedding and micro-conditioning time ids, and a cache of text-encoder outputs."
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+
+
+def tokenize(tokenizer: Any, text: Union[str, list[str]]) -> Tensor:
+    """Token ids padded to the tokenizer's full length (77 for CLIP), as the text encoders and the
+    text cache expect them: one row per caption, or a single row for a string."""
+    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids[0] if isinstance(text, str) else ids
 
 
 def sdxl_text_embeddings(text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module, input_ids: Tensor,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from emolightning.diffusion.single_file import FAMILIES, load_single_file
+from emolightning.diffusion.single_file import FAMILIES, folder_family, load_single_file
 
 TINY = "builtin:tiny"
 TINY_XL = "builtin:tiny-sdxl"
@@ -42,15 +41,6 @@ class SDComponents:
     family: str = "sd1"
     text_encoder_2: Any = None
     tokenizer_2: Any = None
-
-
-def folder_family(folder: Path) -> str:
-    """``"sdxl"`` (two text encoders, ``text_time`` micro-conditioning), ``"sd2"`` (1024-wide
-    cross-attention) or ``"sd1"``, read from a diffusers folder's configs."""
-    config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    if config.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
-        return "sdxl"
-    return "sd2" if config.get("cross_attention_dim") == 1024 else "sd1"
 
 
 def load_components(pretrained: str, family: Optional[str] = None, base_config: Optional[str] = None) -> SDComponents:

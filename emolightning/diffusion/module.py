@@ -20,6 +20,7 @@ from emolightning.diffusion.conditioning import (
     TextEmbeddingCache,
     default_time_ids,
     sdxl_text_embeddings,
+    tokenize,
 )
 from emolightning.diffusion.export import kohya_metadata, kohya_state_dict, kohya_text_encoder_layers, sgm_unet_layers
 from emolightning.diffusion.latent_cache import LatentCache, vae_fingerprint
@@ -290,16 +291,12 @@ class SDLoRAModule(pl.LightningModule):
             raise ValueError("precompute_text_embeddings needs model.cache_text_embeddings=true")
         for start in range(0, len(captions), batch_size):
             chunk = captions[start:start + batch_size]
-            batch = {"input_ids": self._tokenize(self.tokenizer, chunk)}
+            batch = {"input_ids": tokenize(self.tokenizer, chunk).to(self.device)}
             if self.tokenizer_2 is not None:
-                batch["input_ids_2"] = self._tokenize(self.tokenizer_2, chunk)
+                batch["input_ids_2"] = tokenize(self.tokenizer_2, chunk).to(self.device)
             self._text_embeddings(batch)
         for encoder in self.text_encoders:
             encoder.to("cpu")
-
-    def _tokenize(self, tokenizer: Any, captions: list[str]) -> Tensor:
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
 
     def unet_conditioning(self, batch: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
         """Keyword arguments for the UNet: the text embedding, and for SDXL the pooled

@@ -139,6 +139,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def folder_family(folder: Path) -> str:
+    """``"sdxl"`` (two text encoders, ``text_time`` micro-conditioning), ``"sd2"`` (1024-wide
+    cross-attention) or ``"sd1"``, read from a diffusers folder's configs."""
+    unet = _read_json(folder / "unet" / "config.json")
+    if unet.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
+        return "sdxl"
+    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
 def check_config_folder(config: Union[str, Path], family: str, shapes: dict[str, tuple[int, ...]],
                         path: Union[str, Path]) -> Path:
     """Check that ``config`` is a local diffusers folder that fits the checkpoint ``path``: the
@@ -157,7 +166,7 @@ def check_config_folder(config: Union[str, Path], family: str, shapes: dict[str,
     if not folder.is_dir():
         raise FileNotFoundError(f"the config folder {folder} for {path} does not exist; {HINT}")
     unet = _read_json(folder / "unet" / "config.json")
-    folder_xl = (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time"
+    folder_xl = folder_family(folder) == "sdxl"
     if folder_xl != (family == "sdxl"):
         raise ValueError(f"{path} is an {NAMES[family]} checkpoint but the config folder {folder} is for "
                          f"{'SDXL' if folder_xl else 'SD 1.x/2.x'}; {HINT}")

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from emolightning.callbacks import EmoLossFeed
 from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import SDLoRAModule
+from emolightning.diffusion.conditioning import tokenize
 from emolightning.diffusion.sgm_names import unet_path_to_sgm
 from emolightning.diffusion.tiny import build_tiny_sdxl
 
@@ -144,10 +145,9 @@ def test_text_embedding_cache_encodes_every_caption_of_the_data_module_up_front(
     assert len(captions) > 3 and len(module.text_cache) == len(captions)
     assert module.text_cache.misses == len(captions)  # all encoded before the first step, none after
     assert module.text_cache.hits == 3 * 2  # every training row found its caption
-    hidden, pooled = module.encode_text(*(module._tokenize(t, [captions[0]]) for t in (module.tokenizer,
-                                                                                        module.tokenizer_2)))
-    cached = module.text_cache.entries[module.text_cache.key(module._tokenize(module.tokenizer, [captions[0]])[0],
-                                                             module._tokenize(module.tokenizer_2, [captions[0]])[0])]
+    ids, ids_2 = tokenize(module.tokenizer, [captions[0]]), tokenize(module.tokenizer_2, [captions[0]])
+    hidden, pooled = module.encode_text(ids, ids_2)
+    cached = module.text_cache.entries[module.text_cache.key(ids[0], ids_2[0])]
     torch.testing.assert_close(cached[0], hidden[0])
     torch.testing.assert_close(cached[1], pooled[0])
 
