@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from emolightning.callbacks._util import release_gloo_group_at_exit
+
 
 class CLITrainer(pl.Trainer):
     """A ``Trainer`` whose ``log_dir`` all processes agree on once, when fit/validate sets up, and
@@ -38,6 +40,7 @@ class ShareLogDir(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        release_gloo_group_at_exit()
         if isinstance(trainer, CLITrainer):
             trainer._shared_log_dir = None
             trainer._shared_log_dir = trainer.log_dir
