@@ -1,12 +1,14 @@
-"""Training-loop throughput of SDLoRAModule, with and without the latent cache, in one run.
+"""Training-loop throughput of SDLoRAModule with no cache, with the latent cache, and with the
+latent and text-embedding caches, in one run.
 
-Builds the tiny model (or uses --pretrained), writes a folder of synthetic images, and times
-optimizer steps of a real Lightning fit for each cache mode, interleaved over rounds. Prints
-steps per second (after the first epoch, which fills the cache), the ratio to the uncached
-run, and peak memory (CUDA: max allocated per run; CPU: only the process's peak resident set
-so far, which cannot separate the modes).
+Builds a tiny model (SD 1.x layout, or SDXL with ``--family sdxl``) or uses --pretrained, writes
+a folder of synthetic images, and times optimizer steps of a real Lightning fit for each cache
+mode, interleaved over rounds. Prints steps per second (after the first epoch, which fills the
+caches), the ratio to the uncached run, and peak memory (CUDA: max allocated per run; CPU: only
+the process's peak resident set so far, which cannot separate the modes).
 
-    python benchmarks/train_throughput.py                      # tiny model, CPU
+    python benchmarks/train_throughput.py                      # tiny SD, CPU
+    python benchmarks/train_throughput.py --family sdxl        # tiny SDXL, CPU
     python benchmarks/train_throughput.py --pretrained /models/sd15 --resolution 512 --accelerator gpu
 """
 
@@ -29,7 +31,9 @@ from PIL import Image
 from emolightning.callbacks import EmoLossFeed
 from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import SDLoRAModule
-from emolightning.diffusion.tiny import build_tiny_sd
+from emolightning.diffusion.tiny import build_tiny_sd, build_tiny_sdxl
+
+MODES = {"none": ("none", False), "latents": ("memory", False), "latents + text": ("memory", True)}
 
 
 class StepTimer(pl.Callback):
@@ -58,7 +62,9 @@ def write_images(folder: Path, count: int, size: int) -> Path:
 
 
 def run(pretrained: str, images: Path, mode: str, args: argparse.Namespace, workdir: Path) -> tuple[float, float]:
-    module = SDLoRAModule(pretrained, lora_rank=args.rank, cache_latents=mode, gradient_checkpointing=args.checkpointing)
+    latents, text = MODES[mode]
+    module = SDLoRAModule(pretrained, lora_rank=args.rank, cache_latents=latents, cache_text_embeddings=text,
+                          gradient_checkpointing=args.checkpointing)
     data = ImageCaptionDataModule(images, resolution=args.resolution, min_bucket=args.resolution // 2,
                                   max_bucket=args.resolution * 2, bucket_step=max(8, args.resolution // 8),
                                   batch_size=args.batch_size)
@@ -77,7 +83,8 @@ def run(pretrained: str, images: Path, mode: str, args: argparse.Namespace, work
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", default=None, help="a diffusers folder (default: the built-in tiny model)")
+    parser.add_argument("--pretrained", default=None, help="a diffusers folder (default: a built-in tiny model)")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd", help="which tiny model to build")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -92,18 +99,20 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
-        pretrained = args.pretrained or str(build_tiny_sd(workdir / "tiny"))
+        build = build_tiny_sdxl if args.family == "sdxl" else build_tiny_sd
+        pretrained = args.pretrained or str(build(workdir / "tiny"))
         images = write_images(workdir / "images", args.images, args.resolution)
-        results: dict[str, list[tuple[float, float]]] = {"none": [], "memory": []}
+        results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
         for round_index in range(args.rounds):
             for mode in results:
                 results[mode].append(run(pretrained, images, mode, args, workdir / f"{mode}{round_index}"))
     base = statistics.median(r[0] for r in results["none"])
-    print(f"\n## SDLoRAModule training loop: {args.pretrained or 'built-in tiny SD'}, {args.resolution}px, "
+    name = args.pretrained or ("built-in tiny SDXL" if args.family == "sdxl" else "built-in tiny SD")
+    print(f"\n## SDLoRAModule training loop: {name}, {args.resolution}px, "
           f"batch {args.batch_size}, rank {args.rank}, {args.precision}, {args.accelerator}, torch {torch.__version__}")
     memory = ("peak CUDA memory MiB" if args.accelerator != "cpu" and torch.cuda.is_available()
               else "process peak RSS so far MiB (CPU: not per mode)")
-    print(f"| latent cache | steps/s (median of rounds) | vs no cache | {memory} |")
+    print(f"| cache | steps/s (median of rounds) | vs no cache | {memory} |")
     print("|---|---:|---:|---:|")
     for mode, values in results.items():
         speed = statistics.median(v[0] for v in values)

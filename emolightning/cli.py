@@ -5,17 +5,67 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from emolightning._default_logger import default_logger
+from emolightning._trainer import CLITrainer, ShareLogDir
 from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import SDLoRAModule
+from emolightning.diffusion.module import DEFAULT_LR
+
+__all__ = ["EmoLightningCLI", "check_learning_rates", "export", "main"]
 
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _is_positive_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def check_learning_rates(config: Any) -> None:
+    """Refuse learning rates that cannot train, before any class is built.
+
+    Checks ``model.optimizer.init_args.lr``, ``model.lr_scheduler.init_args.max_lr`` (one-cycle
+    and cyclic schedulers) and ``model.text_encoder_lr``: each, when set, must be a finite number
+    above zero. Without this a negative LR is only refused once the base model has been loaded
+    and the optimizer is built, or, for optimizers that accept it, trains backwards.
+
+    Args:
+        config: the parsed config of one subcommand (a jsonargparse ``Namespace``).
+
+    Raises:
+        ValueError: naming the option, the value and what to pass instead.
+
+    Example:
+        >>> from jsonargparse import Namespace
+        >>> check_learning_rates(Namespace(model=Namespace(optimizer=None, lr_scheduler=None, text_encoder_lr=1e-5)))
+    """
+    model = config.get("model")
+    if model is None:
+        return
+    for key, arg in (("optimizer", "lr"), ("lr_scheduler", "max_lr")):
+        init_args = getattr(model.get(key), "init_args", None)
+        value = None if init_args is None else init_args.get(arg)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]  # max_lr may be one per param group
+        if not values or not all(_is_positive_number(v) for v in values):
+            raise ValueError(
+                f"model.{key}.init_args.{arg} (--model.{key}.{arg}) must be a number above zero, got {value!r}. "
+                f"Pass a positive learning rate, e.g. --model.{key}.{arg}={DEFAULT_LR:g} (EmoNavi's LoRA default).")
+    text_lr = model.get("text_encoder_lr")
+    if text_lr is not None and not _is_positive_number(text_lr):
+        raise ValueError(f"model.text_encoder_lr (--model.text_encoder_lr) must be a number above zero, got "
+                         f"{text_lr!r}. Pass a positive learning rate, or leave it unset to use the optimizer's.")
 
 
 class EmoLightningCLI(LightningCLI):
@@ -23,17 +73,57 @@ class EmoLightningCLI(LightningCLI):
 
     The resolved config is saved beside each run and is never overwritten: re-running into a
     run folder that has one stops with a message. The data module shards its own batches, so
-    ``trainer.use_distributed_sampler`` defaults to false.
+    ``trainer.use_distributed_sampler`` defaults to false. Learning rates are checked before
+    anything is built (see :func:`check_learning_rates`). Without a configured
+    ``trainer.logger`` the run logs to TensorBoard, or to CSV (``metrics.csv``) with a message
+    when TensorBoard cannot be imported. All processes agree on ``trainer.log_dir`` once, at
+    setup, so code that reads it on rank 0 alone does not hang a DDP run.
+
+    Args:
+        *args, **kwargs: as for ``LightningCLI`` (``args``, ``run``, ``save_config_kwargs``,
+            ``trainer_defaults``, ...); the model and data classes are fixed.
+
+    Example:
+        >>> cli = EmoLightningCLI(args=["--config", "recipes/quickstart.yaml"], run=False)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
+        kwargs.setdefault("trainer_class", CLITrainer)
         super().__init__(SDLoRAModule, ImageCaptionDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        check_learning_rates(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        # logger=None/True means "the default"; fast_dev_run and barebones runs log nothing anyway
+        if (trainer.get("logger") in (None, True) and "logger" not in kwargs
+                and not trainer.get("fast_dev_run") and not trainer.get("barebones")):
+            kwargs["logger"] = default_logger(trainer.get("default_root_dir") or os.getcwd())
+        instance = super().instantiate_trainer(**kwargs)
+        instance.callbacks.insert(0, ShareLogDir())  # rank-0-only reads of trainer.log_dir cannot hang a DDP run
+        return instance
 
 
 def export(argv: Optional[list[str]] = None) -> Path:
-    """``emolightning export CHECKPOINT --out FILE [--format kohya|diffusers] [--dtype fp16] [--shadow]``"""
+    """``emolightning export CHECKPOINT --out FILE [--format kohya|diffusers] [--dtype fp16] [--shadow]``.
+
+    Rebuilds the SDLoRAModule from the checkpoint's hyperparameters (the base model must be
+    where it was when training), loads the checkpoint's LoRA weights, or with ``--shadow`` the
+    ShadowCheckpoint's shadow, and writes one LoRA file.
+
+    Args:
+        argv: the command's arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The path of the file written.
+
+    Example:
+        >>> export(["runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt", "--out", "my_lora.safetensors"])
+    """
     parser = argparse.ArgumentParser(prog="emolightning export",
                                      description="Write the LoRA of a Lightning checkpoint as a .safetensors file.")
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written while training SDLoRAModule")
@@ -62,6 +152,15 @@ def export(argv: Optional[list[str]] = None) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """The ``emolightning`` console script: ``export`` goes to :func:`export`, everything else
+    (``fit``, ``validate``, ``--help``) to :class:`EmoLightningCLI`.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Example:
+        >>> main(["fit", "--config", "recipes/quickstart.yaml"])
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export":
         export(argv[1:])

@@ -38,3 +38,33 @@ def test_bad_values_are_named_before_anything_loads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x.safetensors")])
     assert "no checkpoint file" in capsys.readouterr().err
+
+
+LR = r"model\.optimizer\.init_args\.lr \(--model\.optimizer\.lr\) must be a number above zero, got "
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--model.optimizer=emolightning.optim.EmoNavi", "--model.optimizer.lr=-1"], LR + "-1.0"),
+    (["--model.optimizer=torch.optim.AdamW", "--model.optimizer.lr=0"], LR + "0.0"),
+    (["--model.optimizer=emolightning.optim.EmoFact", "--model.optimizer.lr=.nan"], LR + "nan"),
+    (["--model.optimizer=torch.optim.SGD", "--model.lr_scheduler=torch.optim.lr_scheduler.OneCycleLR",
+      "--model.lr_scheduler.max_lr=-0.1", "--model.lr_scheduler.total_steps=10"],
+     r"model\.lr_scheduler\.init_args\.max_lr .*got -0\.1"),
+    (["--model.train_text_encoder=true", "--model.text_encoder_lr=-3"], r"model\.text_encoder_lr .*got -3\.0"),
+])
+def test_a_bad_learning_rate_is_named_before_the_model_loads(options, named, tmp_path):
+    # the missing model folder would fail as soon as the module is built: the LR error must come first
+    missing_model = "--model.pretrained=/nonexistent/sd15"
+    with pytest.raises(ValueError, match=named):
+        EmoLightningCLI(args=["fit", *TINY_RUN, missing_model, *options, f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="model.pretrained"):
+        EmoLightningCLI(args=["fit", *TINY_RUN, missing_model, f"--trainer.default_root_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_an_unknown_optimizer_class_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY_RUN, "--model.optimizer=emolightning.optim.EmoNope",
+              f"--trainer.default_root_dir={tmp_path}"])
+    error = capsys.readouterr().err
+    assert 'Parser key "model.optimizer"' in error and "has no attribute 'EmoNope'" in error

@@ -17,12 +17,14 @@ TINY = ["--model.pretrained=builtin:tiny", "--data.root=builtin:shapes", "--data
 
 
 def test_there_are_recipes():
-    assert [p.name for p in RECIPES] == ["multi-gpu-ddp.yaml", "quickstart.yaml", "sd15-lora.yaml", "sd2-v-lora.yaml"]
+    assert [p.name for p in RECIPES] == ["multi-gpu-ddp.yaml", "quickstart.yaml", "sd15-lora.yaml", "sd2-v-lora.yaml",
+                                         "sdxl-lora-12gb.yaml", "sdxl-lora.yaml"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
-    cli = EmoLightningCLI(args=["--config", str(recipe), *TINY, f"--trainer.default_root_dir={tmp_path}"],
+    tiny = [a.replace("builtin:tiny", "builtin:tiny-sdxl") if "sdxl" in recipe.stem else a for a in TINY]
+    cli = EmoLightningCLI(args=["--config", str(recipe), *tiny, f"--trainer.default_root_dir={tmp_path}"],
                           run=False)
     module, text = cli.model, recipe.read_text()
     assert type(module).__name__ == "SDLoRAModule" and type(cli.datamodule).__name__ == "ImageCaptionDataModule"
@@ -35,6 +37,9 @@ def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
         assert module.noise_scheduler.config.prediction_type == "v_prediction"
     if "lora_rank: 16" in text:
         assert module.hparams.lora_rank == 16 and module.hparams.gradient_checkpointing
+    if "sdxl" in recipe.stem:
+        assert module.family == "sdxl" and module.hparams.cache_text_embeddings
+        assert "resolution: 1024" in text and not cli.datamodule.hparams.shuffle_tags
     if "multi-gpu" in recipe.stem:
         assert "strategy: ddp" in text and "use_distributed_sampler: false" in text
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -10,6 +11,29 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+
+_release_registered = False
+
+
+def release_gloo_group_at_exit() -> None:
+    """Destroy a gloo process group when the process exits, before the interpreter tears down.
+
+    Lightning does this for NCCL only. A gloo group left alive at exit sometimes aborts the
+    process ("terminate called without an active exception"), which fails a finished CPU DDP
+    run, ``ddp_spawn`` especially. Safe to call many times; registers once per process."""
+    global _release_registered
+    if _release_registered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() != "gloo":
+        return
+    _release_registered = True
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def emo_optimizers(trainer: "pl.Trainer") -> list[Optimizer]:
@@ -84,7 +108,8 @@ class StepLosses:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss):
             self._pending.append(undo_accumulation(trainer, pl_module, loss.detach().float()))
-        if trainer.global_step == self.last_step:
+        # global_step 0 at the end of a batch: the first accumulation window has not stepped yet
+        if trainer.global_step == self.last_step or trainer.global_step == 0:
             return False, None
         self.last_step = trainer.global_step
         mean = torch.stack(self._pending).mean() if self._pending else None

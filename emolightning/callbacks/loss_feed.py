@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from emolightning.callbacks._util import undo_accumulation
+from emolightning.callbacks._util import release_gloo_group_at_exit, undo_accumulation
 
 
 class EmoLossFeed(Callback):
@@ -27,13 +27,21 @@ class EmoLossFeed(Callback):
     The loss fed is the one given to ``backward``, with the GradScaler's scale and Lightning's
     accumulation division undone. In a distributed run each process feeds its own loss and the
     optimizer averages them across processes at the step. With any other optimizer this
-    callback does nothing.
+    callback does nothing to the losses.
+
+    In a CPU (gloo) DDP run it also destroys the process group when each process exits, as
+    Lightning does for NCCL only: a gloo group left to the interpreter's teardown can abort a
+    finished worker.
 
     Example:
         >>> import lightning.pytorch as pl
         >>> from emolightning.callbacks import EmoLossFeed
         >>> trainer = pl.Trainer(callbacks=[EmoLossFeed()], accumulate_grad_batches=4)
     """
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        release_gloo_group_at_exit()
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:

@@ -101,9 +101,13 @@ class EmotionMonitor(Callback):
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.plot or not trainer.is_global_zero or not self.history["step"]:
+        if not self.plot or not self.history["step"]:
             return
-        directory = Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir)
+        # every rank reads log_dir: under DDP it is a broadcast from rank 0, which hangs if only rank 0 asks
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero:
+            return
+        directory = Path(log_dir) if log_dir else Path(trainer.default_root_dir)
         self.plot_path = self.write_plot(directory / self.filename)
         rank_zero_info(f"EmotionMonitor: wrote {self.plot_path}")
 

@@ -23,13 +23,19 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        table = self.table(trainer, pl_module)  # on every rank: reading trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            Console().print(self.table(trainer, pl_module))
+            Console().print(table)
 
     def outputs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[tuple[str, str]]:
+        """(what, where) rows. Call it on every process: it reads ``trainer.log_dir``, which
+        every rank must join under DDP."""
         rows: list[tuple[str, str]] = []
-        if trainer.log_dir:
-            rows.append(("logs (tensorboard --logdir)", trainer.log_dir))
+        log_dir = trainer.log_dir
+        if log_dir:
+            kind = type(trainer.logger).__name__ if trainer.logger is not None else ""
+            label = {"TensorBoardLogger": "logs (tensorboard --logdir)", "CSVLogger": "logs (metrics.csv)"}
+            rows.append((label.get(kind, "logs"), log_dir))
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:
             latest = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
@@ -47,7 +53,7 @@ class RunSummary(Callback):
         if shadow is not None:
             rows += [("shadow", path) for path in getattr(shadow, "written", [])]
         rows += [("LoRA", str(path)) for path in getattr(pl_module, "exported", [])]
-        samples = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        samples = Path(log_dir or trainer.default_root_dir) / "samples"
         if samples.is_dir():
             rows.append(("sample images", str(samples)))
         monitor = find_callback(trainer, "EmotionMonitor")

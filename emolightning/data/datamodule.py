@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
 from emolightning.data.captions import Item, augment_caption, scan_folder
 from emolightning.data.shapes import SHAPES, write_shapes
+from emolightning.diffusion.conditioning import tokenize
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -27,9 +28,13 @@ def _open_rgb(path: Path) -> Image.Image:
 
 
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], rng: random.Random, *, random_crop: bool,
-                  flip_p: float) -> torch.Tensor:
-    """Resize ``image`` to cover ``bucket``, crop to it (centre or random), maybe mirror it, and
-    return a (3, height, width) float tensor in [-1, 1]."""
+                  flip_p: float) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize ``image`` to cover ``bucket``, crop to it (centre or random), maybe mirror it.
+
+    Returns:
+        A (3, height, width) float tensor in [-1, 1], and the crop's (top, left) corner in the
+        resized image, as seen after the mirroring (what SDXL's micro-conditioning records).
+    """
     width, height = bucket
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -38,21 +43,28 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], rng: random.Rando
     left, top = (image.width - width) // 2, (image.height - height) // 2
     if random_crop:
         left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+    resized_width = image.width
     image = image.crop((left, top, left + width, top + height))
     if flip_p and rng.random() < flip_p:
         image = ImageOps.mirror(image)
+        left = resized_width - left - width
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
 
 class ImageCaptionDataset(Dataset):
-    """The expanded (repeats included) list of images; each item is
-    ``{"pixel_values": (3, H, W) in [-1, 1], "input_ids": (77,)}``."""
+    """The expanded (repeats included) list of images; each item is ``{"pixel_values": (3, H, W)
+    in [-1, 1], "input_ids": (77,), "time_ids": (6,), "cache_key": str}``, plus ``input_ids_2``
+    when there is a second tokenizer (SDXL). ``time_ids`` are SDXL's micro-conditioning: the
+    image's original height and width, the crop's top and left, and the bucket's height and
+    width."""
 
     def __init__(self, items: list[Item], buckets: list[tuple[int, int]], tokenizer: Any, *, seed: int = 0,
                  random_crop: bool = False, flip_p: float = 0.0, caption_dropout: float = 0.0,
-                 shuffle_tags: bool = False, keep_tags: int = 0, tag_separator: str = ",") -> None:
+                 shuffle_tags: bool = False, keep_tags: int = 0, tag_separator: str = ",",
+                 tokenizer_2: Any = None) -> None:
         self.items, self.buckets, self.tokenizer, self.seed = items, buckets, tokenizer, seed
+        self.tokenizer_2 = tokenizer_2
         self.random_crop, self.flip_p = random_crop, flip_p
         self.caption_options = dict(dropout=caption_dropout, shuffle_tags=shuffle_tags, keep_tags=keep_tags,
                                     separator=tag_separator)
@@ -64,15 +76,19 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # the same draw for the same epoch and index
-        pixels = fit_to_bucket(_open_rgb(item.path), self.buckets[index], rng, random_crop=self.random_crop,
-                               flip_p=self.flip_p)
+        image = _open_rgb(item.path)
+        original = (image.height, image.width)
+        width, height = self.buckets[index]
+        pixels, crop = fit_to_bucket(image, (width, height), rng, random_crop=self.random_crop, flip_p=self.flip_p)
         caption = augment_caption(item.caption, rng, **self.caption_options)
         augmented = self.random_crop or bool(self.flip_p)
         stat = item.path.stat()
         key = "" if augmented else f"{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.buckets[index]}|center"
-        ids = self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids, "cache_key": key}
+        out = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, caption), "cache_key": key,
+               "time_ids": torch.tensor([*original, *crop, height, width], dtype=torch.float32)}
+        if self.tokenizer_2 is not None:
+            out["input_ids_2"] = tokenize(self.tokenizer_2, caption)
+        return out
 
 
 class _EpochBatches(BucketBatchSampler):
@@ -98,7 +114,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     Images that cannot be read are skipped and listed once with a count. Every batch holds
     images of one bucket: a size whose area is about ``resolution**2`` and whose aspect ratio is
     closest to the image's; the image is resized to cover it and cropped (centre or random).
-    The tokenizer is the LightningModule's (``SDLoRAModule.tokenizer``).
+    The tokenizers are the LightningModule's (``SDLoRAModule.tokenizer``, and for SDXL
+    ``tokenizer_2``); batches also carry SDXL's micro-conditioning ``time_ids``.
 
     Args:
         root: the image folder, or ``"builtin:shapes"``: 24 generated pictures of coloured shapes
@@ -158,6 +175,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.val_dataset: Optional[ImageCaptionDataset] = None
         self.skipped: list[tuple[Path, str]] = []
         self.tokenizer: Any = None
+        self.tokenizer_2: Any = None
 
     def _readable(self, items: list[Item]) -> tuple[list[Item], list[tuple[int, int]]]:
         kept, sizes = [], []
@@ -219,21 +237,27 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             if index not in held_out:
                 expanded += [item] * item.repeats
                 buckets += [bucket] * item.repeats
-        self.tokenizer = self.tokenizer or getattr(self.trainer.lightning_module if self.trainer else None,
-                                                   "tokenizer", None)
+        module = self.trainer.lightning_module if self.trainer else None
+        self.tokenizer = self.tokenizer or getattr(module, "tokenizer", None)
+        self.tokenizer_2 = self.tokenizer_2 or getattr(module, "tokenizer_2", None)
         if self.tokenizer is None:
             raise ValueError("ImageCaptionDataModule needs a tokenizer: use it with SDLoRAModule, or set "
                              "datamodule.tokenizer")
         self.dataset = ImageCaptionDataset(
             expanded, buckets, self.tokenizer, seed=hp.shuffle_seed, random_crop=hp.random_crop, flip_p=hp.flip_p,
             caption_dropout=hp.caption_dropout, shuffle_tags=hp.shuffle_tags, keep_tags=hp.keep_tags,
-            tag_separator=hp.tag_separator)
+            tag_separator=hp.tag_separator, tokenizer_2=self.tokenizer_2)
         kept = sorted(held_out)
-        self.val_dataset = ImageCaptionDataset([items[i] for i in kept], [assigned[i] for i in kept],
-                                               self.tokenizer, seed=hp.shuffle_seed) if kept else None
-        module = self.trainer.lightning_module if self.trainer else None
+        self.val_dataset = ImageCaptionDataset([items[i] for i in kept], [assigned[i] for i in kept], self.tokenizer,
+                                               seed=hp.shuffle_seed, tokenizer_2=self.tokenizer_2) if kept else None
         if module is not None and hasattr(module, "extra_lora_metadata"):
             module.extra_lora_metadata.update(self.lora_metadata(items, sizes))
+
+    def captions(self) -> list[str]:
+        """Every distinct caption of the training and validation images, as they are tokenised
+        when captions are not augmented (SDLoRAModule's text cache encodes them up front)."""
+        datasets = [d for d in (self.dataset, self.val_dataset) if d is not None]
+        return sorted({item.caption for dataset in datasets for item in dataset.items})
 
     def lora_metadata(self, items: list[Item], sizes: list[tuple[int, int]]) -> dict[str, Any]:
         """kohya's dataset metadata: image count, resolution and tag frequency."""

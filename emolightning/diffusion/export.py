@@ -35,20 +35,34 @@ def kohya_state_dict(peft_layers: dict[str, dict[str, Tensor]], alpha: float,
     return out
 
 
-def sd_version(cross_attention_dim: int, prediction_type: str) -> tuple[str, str]:
-    """kohya's ``ss_base_model_version`` and SAI's ``modelspec.architecture`` for an SD 1.x/2.x
-    UNet (2.x has 1024-wide cross-attention; tiny test models count as 1.x)."""
-    v2 = cross_attention_dim == 1024
+def sgm_unet_layers(layers: dict[str, Tensor], config: Any) -> dict[str, Tensor]:
+    """UNet LoRA keys renamed from diffusers module paths to the SGM (original SDXL) paths that
+    kohya's SDXL files use (``down_blocks.1.attentions.0…`` becomes ``input_blocks.4.1…``)."""
+    from emolightning.diffusion.sgm_names import unet_path_to_sgm
+
+    out = {}
+    for key, tensor in layers.items():
+        module, _, parameter = key.partition(".lora_")
+        out[f"{unet_path_to_sgm(module, config)}.lora_{parameter}"] = tensor
+    return out
+
+
+def sd_version(family: str, prediction_type: str) -> tuple[str, str]:
+    """kohya's ``ss_base_model_version`` and SAI's ``modelspec.architecture`` for a model family
+    (``"sd1"``, ``"sd2"``, ``"sdxl"``)."""
     v_pred = prediction_type == "v_prediction"
+    if family == "sdxl":
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
+    v2 = family == "sd2"
     version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")
     architecture = ("stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1"
     return version, architecture + "/lora"
 
 
-def kohya_metadata(*, rank: int, alpha: float, conv: bool, cross_attention_dim: int, prediction_type: str,
+def kohya_metadata(*, rank: int, alpha: float, conv: bool, family: str, prediction_type: str,
                    title: str, extra: dict[str, Any]) -> dict[str, str]:
     """The ``ss_*`` training metadata and ``modelspec.*`` keys, all strings as safetensors wants."""
-    version, architecture = sd_version(cross_attention_dim, prediction_type)
+    version, architecture = sd_version(family, prediction_type)
     args = {"conv_dim": str(rank), "conv_alpha": str(alpha)} if conv else {}
     metadata = {
         "ss_network_module": "networks.lora",

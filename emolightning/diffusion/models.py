@@ -10,7 +10,10 @@ from typing import Any, Optional
 
 import torch
 
+from emolightning.diffusion.single_file import FAMILIES, folder_family, load_single_file
+
 TINY = "builtin:tiny"
+TINY_XL = "builtin:tiny-sdxl"
 
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     # attention projections, as diffusers' train_text_to_image_lora.py
@@ -26,7 +29,8 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion model a LoRA trainer needs."""
+    """The parts of a Stable Diffusion model a LoRA trainer needs (SDXL adds a second text
+    encoder and tokenizer)."""
 
     unet: Any
     vae: Any
@@ -34,32 +38,66 @@ class SDComponents:
     tokenizer: Any
     scheduler_config: dict
     source: str
+    family: str = "sd1"
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
 
-def load_components(pretrained: str) -> SDComponents:
-    """Load a local diffusers folder, or build the built-in tiny model (``"builtin:tiny"``).
+def load_components(pretrained: str, family: Optional[str] = None, base_config: Optional[str] = None) -> SDComponents:
+    """Load a local diffusers folder, a single ``.safetensors``/``.ckpt`` checkpoint in the
+    original layout (with ``base_config``), or build a built-in tiny model (``"builtin:tiny"``:
+    SD 1.x layout; ``"builtin:tiny-sdxl"``: SDXL layout).
+
+    Args:
+        pretrained: the folder, the file, or a built-in name.
+        family: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` to override what the configs or the file say.
+        base_config: for a single file: a local diffusers folder of the same model family whose
+            configs, tokenizers and scheduler settings go with the file's weights (its weight
+            files are not needed).
 
     Raises:
-        FileNotFoundError: with what to do, when ``pretrained`` is not a diffusers folder.
+        FileNotFoundError: with what to do, when ``pretrained`` is neither a diffusers folder
+            nor a file.
+        ValueError: a single file without ``base_config``, or one that does not match it.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"model.model_family must be one of {list(FAMILIES)} (or unset: read from the model), "
+                         f"got {family!r}")
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        if base_config is None:
+            raise ValueError(f"model.pretrained: {pretrained} is a single-file checkpoint; also pass "
+                             "model.base_config=/path/to/a diffusers folder of the same model family (its configs, "
+                             "tokenizers and scheduler; the weights come from the file)")
+        parts = load_single_file(path, config=base_config, family=family)
+        return SDComponents(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+                            tokenizer=parts["tokenizer"], scheduler_config=parts["scheduler_config"], source=str(path),
+                            family=parts["family"], text_encoder_2=parts.get("text_encoder_2"),
+                            tokenizer_2=parts.get("tokenizer_2"))
     scratch = None
-    if pretrained == TINY:
-        from emolightning.diffusion.tiny import build_tiny_sd
+    if pretrained in (TINY, TINY_XL):
+        from emolightning.diffusion.tiny import build_tiny_sd, build_tiny_sdxl
 
         scratch = Path(tempfile.mkdtemp(prefix="emolightning-tiny-"))
-        folder = build_tiny_sd(scratch / "model")
+        folder = (build_tiny_sdxl if pretrained == TINY_XL else build_tiny_sd)(scratch / "model")
     else:
         folder = Path(pretrained).expanduser()
         if not (folder / "model_index.json").is_file():
-            hint = ("a single .safetensors/.ckpt file is not supported yet: convert it to a diffusers "
-                    "folder first" if folder.is_file() else "pass a local diffusers folder (one with "
-                    "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or 'builtin:tiny'")
-            raise FileNotFoundError(f"model.pretrained: {pretrained!r} is not a diffusers model folder; {hint}")
+            raise FileNotFoundError(f"model.pretrained: {pretrained!r} is not a diffusers model folder or a file; pass "
+                                    "a local diffusers folder (one with model_index.json, unet/, vae/, text_encoder/, "
+                                    "tokenizer/, scheduler/), a .safetensors/.ckpt file with model.base_config, "
+                                    "'builtin:tiny' or 'builtin:tiny-sdxl'")
     try:
+        found = folder_family(folder)
+        family = family or found
+        if (family == "sdxl") != (found == "sdxl"):
+            raise ValueError(f"model.model_family={family!r}, but {pretrained} holds an {found} model; leave "
+                             "model_family unset to use what the folder says")
+        xl = family == "sdxl"
         return SDComponents(
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
             vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
@@ -67,6 +105,9 @@ def load_components(pretrained: str) -> SDComponents:
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             scheduler_config=dict(DDPMScheduler.load_config(folder, subfolder="scheduler")),
             source=pretrained if scratch is not None else str(folder),
+            family=family,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2") if xl else None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2") if xl else None,
         )
     finally:
         if scratch is not None:  # the tiny model now lives in memory

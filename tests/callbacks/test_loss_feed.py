@@ -135,3 +135,44 @@ def test_ddp_spawn_rank_mean_loss_and_identical_parameters(tmp_path):
                          callbacks=[EmoLossFeed(), RankCheck()])
     trainer.fit(Regression(), datamodule=PerRankData())
     assert trainer.state.finished
+
+
+_EXIT_SCRIPT = r"""
+import atexit, sys
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+from emolightning.callbacks import EmoLossFeed
+from emolightning.optim import EmoNavi
+
+# registered before the Trainer's setup, so it runs after the kit's exit handler (LIFO)
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+    def configure_optimizers(self):
+        return EmoNavi(self.parameters(), lr=1e-3)
+
+trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[EmoLossFeed()])
+trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))
+print("group alive after fit:", dist.is_initialized(), flush=True)
+"""
+
+
+def test_a_gloo_group_is_destroyed_before_the_process_exits(tmp_path):
+    # a gloo group left to the interpreter's teardown sometimes aborts a finished DDP worker
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "store")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "group alive after fit: True" in result.stdout
+    assert "group alive at exit: False" in result.stdout

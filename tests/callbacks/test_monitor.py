@@ -98,3 +98,49 @@ def test_without_a_logger_the_plot_still_lands_in_the_root_dir(tmp_path):
     _fit(tmp_path, False, [monitor], epochs=1)
     assert monitor.plot_path == tmp_path / "emotion.png"
     _assert_png(monitor.plot_path)
+
+
+@pytest.mark.distributed
+def test_under_ddp_the_plot_and_summary_come_from_rank_zero_without_a_hang(tmp_path, capfd):
+    import os
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from emolightning.callbacks import RunSummary
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=4, accelerator="cpu", devices=2,
+                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                         logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                         callbacks=[EmoLossFeed(), EmotionMonitor(), RunSummary()])
+    trainer.fit(Model(), _loader())
+    log_dir = tmp_path / "csv" / "version_0"
+    _assert_png(log_dir / "emotion.png")
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["version_0"]
+    out = capfd.readouterr().out
+    assert out.count("Run finished at step 4: outputs") == 1 and "logs (metrics.csv)" in out
+
+
+def test_with_gradient_accumulation_only_optimizer_steps_count(tmp_path):
+    class Losses(pl.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]) * 2)  # Lightning divides by accumulate_grad_batches
+
+    monitor, losses = EmotionMonitor(), Losses()
+    plateau = PlateauContinuation(monitor="train_loss", window=8, check_every_n_steps=None, max_stages=1)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accumulate_grad_batches=2,
+                         callbacks=[EmoLossFeed(), monitor, plateau, losses,
+                                    ShadowCheckpoint(save_every_n_steps=2, save_on_fit_end=False, dirpath=tmp_path)])
+    trainer.fit(Model(), _loader())  # 8 batches: 4 optimizer steps
+    assert monitor.history["step"] == [1.0, 2.0, 3.0, 4.0]
+    assert sorted(p.name for p in tmp_path.glob("shadow-*")) == ["shadow-step2.safetensors", "shadow-step4.safetensors"]
+    # each window's loss is the mean of its two micro-batches
+    pairs = [(losses.losses[i] + losses.losses[i + 1]) / 2 for i in range(0, 8, 2)]
+    assert list(plateau.losses) == pytest.approx(pairs, rel=1e-6)

@@ -52,6 +52,22 @@ class CountChecks(pl.Callback):
         assert self.guard.checks == 4  # steps 2, 4, 6, 8
 
 
+class RecordedRankConsistency(RankConsistency):
+    """Writes each rank's error to a file before raising it: when one process fails, the other may
+    be torn down mid-collective (SIGABRT), so what the parent process sees depends on timing."""
+
+    def __init__(self, folder, **kwargs):
+        super().__init__(**kwargs)
+        self.folder = folder
+
+    def check(self, trainer, pl_module):
+        try:
+            super().check(trainer, pl_module)
+        except RuntimeError as error:
+            (self.folder / f"rank{trainer.global_rank}.txt").write_text(str(error))
+            raise
+
+
 def _fit(tmp_path, callbacks):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=2,
@@ -67,8 +83,10 @@ def test_agreeing_ranks_pass_and_a_drift_is_named(tmp_path):
     guard = RankConsistency(every_n_steps=2)
     trainer = _fit(tmp_path / "ok", [EmoLossFeed(), guard, CountChecks(guard)])
     assert trainer.state.finished
-    with pytest.raises(Exception, match=r"rank 1 differs from rank 0 in parameter 'head.bias'"):
-        _fit(tmp_path / "drift", [EmoLossFeed(), RankConsistency(every_n_steps=2), Perturb()])
+    with pytest.raises(Exception):
+        _fit(tmp_path / "drift", [EmoLossFeed(), RecordedRankConsistency(tmp_path, every_n_steps=2), Perturb()])
+    messages = [path.read_text() for path in sorted(tmp_path.glob("rank*.txt"))]
+    assert messages and all("rank 1 differs from rank 0 in parameter 'head.bias'" in m for m in messages)
 
 
 def test_single_process_does_nothing(tmp_path):

@@ -80,10 +80,11 @@ def test_training_moves_only_the_lora_and_resume_is_exact(tmp_path, tiny_folder)
 
 
 @pytest.mark.parametrize("file_format", ["kohya", "diffusers"])
-@pytest.mark.parametrize("train_text_encoder", [False, True])
+@pytest.mark.parametrize(("train_text_encoder", "preset"), [(False, "attention"), (True, "attention_ff")])
 def test_exported_lora_reproduces_the_trained_model_in_diffusers(tmp_path, tiny_folder, train_text_encoder,
-                                                                 file_format):
+                                                                 preset, file_format):
     module = SDLoRAModule(str(tiny_folder), lora_rank=4, lora_alpha=2, train_text_encoder=train_text_encoder,
+                          target_preset=preset,
                           text_encoder_lr=1e-2, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
     _trainer(tmp_path, 3).fit(module, DataLoader(Captioned(module.tokenizer), batch_size=2))
     file = module.export_lora(tmp_path / "out" / "my_lora.safetensors", format=file_format)

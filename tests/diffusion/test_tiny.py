@@ -41,3 +41,18 @@ def test_seed_decides_the_weights_and_existing_folders_are_kept(tmp_path):
 def test_v_prediction_variant(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "v", prediction_type="v_prediction"))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_tiny_sdxl_loads_offline_and_generates(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from emolightning.diffusion.tiny import build_tiny_sdxl
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = build_tiny_sdxl(tmp_path / "xl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.text_encoder_2.config.projection_dim == 32
+    image = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(image)).all()
