@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -17,21 +18,25 @@ _release_registered = False
 
 
 def release_gloo_group_at_exit() -> None:
-    """Destroy a gloo process group when the process exits, before the interpreter tears down.
+    """At process exit, free unreachable objects (a DDP wrapper among them), then destroy a gloo
+    process group, before the interpreter's own teardown.
 
-    Lightning does this for NCCL only. A gloo group left alive at exit sometimes aborts the
-    process ("terminate called without an active exception"), which fails a finished CPU DDP
-    run, ``ddp_spawn`` especially. Safe to call many times; registers once per process."""
+    A ``DistributedDataParallel`` wrapper sits in a reference cycle, so after fit it is freed by
+    the garbage collector, or not before the interpreter shuts down, and freed that late it
+    sometimes aborts the process ("terminate called without an active exception"): a finished
+    CPU DDP worker then fails the run. Lightning destroys NCCL groups at exit, not gloo ones.
+    Safe to call many times; registers once per process."""
     global _release_registered
     if _release_registered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if torch.distributed.get_backend() != "gloo":
         return
     _release_registered = True
-    atexit.register(_destroy_process_group)
+    atexit.register(_release_process_group)
 
 
-def _destroy_process_group() -> None:
+def _release_process_group() -> None:
+    gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -29,9 +29,10 @@ class EmoLossFeed(Callback):
     optimizer averages them across processes at the step. With any other optimizer this
     callback does nothing to the losses.
 
-    In a CPU (gloo) DDP run it also destroys the process group when each process exits, as
-    Lightning does for NCCL only: a gloo group left to the interpreter's teardown can abort a
-    finished worker.
+    In a CPU (gloo) DDP run it also cleans up when each process exits: it frees the DDP wrapper
+    (left in a reference cycle, it is otherwise freed during the interpreter's teardown, which
+    now and then aborts a finished worker) and destroys the process group, as Lightning does
+    for NCCL only.
 
     Example:
         >>> import lightning.pytorch as pl

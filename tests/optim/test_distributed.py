@@ -1,5 +1,6 @@
 """Two CPU processes (gloo): the rank-mean loss keeps replicas bit-identical."""
 
+import gc
 import os
 from datetime import timedelta
 
@@ -46,13 +47,13 @@ def _worker(rank, init_file):
             assert scalars[0] == scalars[1]
             assert len(drives) > 1, f"{cls.__name__}: the emotion never changed the step"
 
-
         # Without the rank mean, each rank feeds its own loss and the replicas drift.
         flat, _, _ = _train(EmoNavi, sync_loss=False, rank=rank)
         gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
         dist.all_gather(gathered, flat)
         assert not torch.equal(gathered[0], gathered[1])
     finally:
+        gc.collect()  # a DDP wrapper freed only at interpreter teardown can abort the process
         dist.destroy_process_group()
 
 
