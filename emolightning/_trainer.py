@@ -36,7 +36,8 @@ class CLITrainer(pl.Trainer):
 
 class ShareLogDir(Callback):
     """Reads ``trainer.log_dir`` on every rank at setup (the one broadcast) and keeps it in a
-    :class:`CLITrainer`."""
+    :class:`CLITrainer`. Also registers the CPU (gloo) exit clean-up that
+    :class:`~emolightning.callbacks.EmoLossFeed` registers, for CLI runs without that callback."""
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emolightning.callbacks import EmoLossFeed
 from emolightning.diffusion import SDLoRAModule
+from emolightning.diffusion.conditioning import tokenize
 from emolightning.diffusion.tiny import build_tiny_sd
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,7 @@ class Captioned(Dataset):
         generator = torch.Generator().manual_seed(0)
         self.images = torch.rand(n, 3, 64, 64, generator=generator) * 2 - 1
         captions = [f"a photo of thing {i}" for i in range(n)]
-        self.ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt").input_ids
+        self.ids = tokenize(tokenizer, captions)
 
     def __len__(self):
         return len(self.images)

@@ -32,8 +32,7 @@ class Captioned(Dataset):
         generator = torch.Generator().manual_seed(0)
         self.images = torch.rand(n, 3, 64, 64, generator=generator) * 2 - 1
         captions = [f"a photo of thing {i}" for i in range(n)]
-        self.ids, self.ids_2 = (tok(captions, padding="max_length", max_length=77, truncation=True,
-                                    return_tensors="pt").input_ids for tok in (module.tokenizer, module.tokenizer_2))
+        self.ids, self.ids_2 = (tokenize(tok, captions) for tok in (module.tokenizer, module.tokenizer_2))
 
     def __len__(self):
         return len(self.images)
