@@ -2,14 +2,16 @@
 
 Peers: torch's AdamW (fused=True: the fastest CPU optimizer in torch; foreach=True) and the
 ``pytorch-optimizer`` package's EmoNavi/EmoFact/EmoLynx port, when installed. Candidates are
-interleaved round by round so that machine noise hits all of them alike; the per-step median
-of each is reported with its ratio to AdamW(fused) and AdamW(foreach), and the range of the
-per-round ratio to AdamW(fused). On Linux, a round during which other processes kept the
-CPUs more than ``--max-busy`` busy is discarded and run again (on a shared machine they
-would otherwise decide the result); the counts are printed.
+interleaved round by round so that machine noise hits all of them alike. Every ratio is
+paired: computed within each round, then the median over the rounds is reported (with the
+range of the per-round ratio to AdamW(fused)), so that a machine whose speed drifts during
+the run moves both sides of a ratio together. The per-step median time of each candidate is
+printed beside them. On Linux, a round during which other processes kept the CPUs more than
+``--max-busy`` busy is discarded and run again (on a shared machine they would otherwise
+decide the result); the counts are printed.
 
     python benchmarks/optimizer_step.py                 # both sets, every path
-    python benchmarks/optimizer_step.py --sets lora --rounds 5
+    python benchmarks/optimizer_step.py --sets lora --paths fused --rounds 31
 
 Sets: ``lora``: 256 LoRA-shaped fp32 tensors (rank 16 against 768/1280 features, ~4.4M
 elements); ``large``: 8 tensors of 2048x2048 (33.5M elements).
@@ -124,7 +126,10 @@ def bench_set(name: str, paths: list[str], rounds: int, steps: int, max_busy: fl
             times[label].append(value)
     elements = sum(torch.Size(s).numel() for s in shapes)
     median = {label: statistics.median(values) for label, values in times.items()}
-    fused, foreach = median["AdamW(fused)"], median["AdamW(foreach)"]
+
+    def paired(numerator: str, denominator: str) -> list[float]:
+        return [a / b for a, b in zip(times[numerator], times[denominator])]
+
     print(f"\n## {name}: {len(shapes)} tensors, {elements / 1e6:.1f}M elements, "
           f"{rounds} rounds x {steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"({discarded} rounds discarded and rerun: other processes kept the CPUs more than "
@@ -133,15 +138,18 @@ def bench_set(name: str, paths: list[str], rounds: int, steps: int, max_busy: fl
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, value in median.items():
         optimizer, params, first = built[label]
-        ratios = [a / b for a, b in zip(times[label], times["AdamW(fused)"])]
-        print(f"| {label} | {value * 1e3:.2f} | {value / fused:.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
-              f"{foreach / value:.2f}x | {first:.1f} | {state_bytes_per_element(optimizer, params):.1f} |")
+        ratios = paired(label, "AdamW(fused)")
+        print(f"| {label} | {value * 1e3:.2f} | {statistics.median(ratios):.2f}x | "
+              f"{min(ratios):.2f}-{max(ratios):.2f}x | "
+              f"{statistics.median(paired('AdamW(foreach)', label)):.2f}x | {first:.1f} | "
+              f"{state_bytes_per_element(optimizer, params):.1f} |")
     for family in EMO:
         for path in paths:
-            label = f"{family}({path})"
-            port = median.get(f"pytorch_optimizer.{family}")
-            if port is not None:
-                print(f"{label}: {port / median[label]:.2f}x faster than pytorch_optimizer.{family}")
+            label, port = f"{family}({path})", f"pytorch_optimizer.{family}"
+            if port in times:
+                speedups = paired(port, label)
+                print(f"{label}: {statistics.median(speedups):.2f}x faster than {port} "
+                      f"(per round {min(speedups):.2f}-{max(speedups):.2f}x)")
 
 
 def step(optimizer, k: int) -> None:
@@ -157,7 +165,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--paths", nargs="+", default=["loop", "foreach", "fused"],
                         choices=["loop", "foreach", "fused"])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max-busy", type=float, default=0.1,
                         help="discard a round when other processes kept this share of the CPUs "
