@@ -11,7 +11,11 @@ printed beside them. On Linux, a round during which other processes kept the CPU
 decide the result); the counts are printed.
 
     python benchmarks/optimizer_step.py                 # both sets, every path
-    python benchmarks/optimizer_step.py --sets lora --paths fused --rounds 31
+    python benchmarks/optimizer_step.py --sets lora --paths fused compiled --rounds 31
+
+Paths: ``loop`` (per tensor), ``foreach``, ``fused`` (``fused=True``: on the CPU the native C++
+kernels) and ``compiled`` (``fused=True`` with the native kernels off: the ``torch.compile``-d
+update that CUDA runs).
 
 Sets: ``lora``: 256 LoRA-shaped fp32 tensors (rank 16 against 768/1280 features, ~4.4M
 elements); ``large``: 8 tensors of 2048x2048 (33.5M elements).
@@ -28,9 +32,10 @@ from typing import Callable
 
 import torch
 
-from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
+from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi, _native
 
 EMO = {"EmoNavi": EmoNavi, "EmoFact": EmoFact, "EmoLynx": EmoLynx, "EmoClan": EmoClan}
+PATHS = ["loop", "foreach", "fused", "compiled"]
 
 
 def lora_shapes() -> list[tuple[int, ...]]:
@@ -66,11 +71,20 @@ def candidates(paths: list[str]) -> dict[str, Callable]:
             out[f"pytorch_optimizer.{name}"] = (lambda cls: lambda ps: cls(ps, lr=1e-4))(getattr(po, name))
     except ImportError:
         print("pytorch-optimizer is not installed: its port is left out (pip install pytorch-optimizer)")
-    options = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    options = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
+               "compiled": {"fused": True}}
     for name, cls in EMO.items():
         for path in paths:
-            out[f"{name}({path})"] = (lambda cls, kw: lambda ps: cls(ps, lr=1e-4, **kw))(cls, options[path])
+            out[f"{name}({path})"] = (lambda cls, kw, path: lambda ps: _mark(cls(ps, lr=1e-4, **kw), path))(
+                cls, options[path], path)
     return out
+
+
+def _mark(optimizer, path: str):
+    # "compiled": fused=True with the native CPU kernels off, i.e. the torch.compile-d update
+    # that CUDA runs (see step())
+    optimizer.compiled_only = path == "compiled"
+    return optimizer
 
 
 def state_bytes_per_element(optimizer, params) -> float:
@@ -154,7 +168,13 @@ def bench_set(name: str, paths: list[str], rounds: int, steps: int, max_busy: fl
 
 def step(optimizer, k: int) -> None:
     loss = 1.0 / (1.0 + 0.05 * k)  # a falling loss: the emotion (and emoDrive) changes step to step
-    if hasattr(optimizer, "feed_loss"):
+    if getattr(optimizer, "compiled_only", False):
+        enabled, _native.enabled = _native.enabled, False
+        try:
+            optimizer.step(loss=loss)
+        finally:
+            _native.enabled = enabled
+    elif hasattr(optimizer, "feed_loss"):
         optimizer.step(loss=loss)
     else:
         optimizer.step(lambda: torch.tensor(loss))
@@ -163,8 +183,9 @@ def step(optimizer, k: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--paths", nargs="+", default=["loop", "foreach", "fused"],
-                        choices=["loop", "foreach", "fused"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
+                        help="fused: fused=True (on the CPU: the native kernels); compiled: "
+                             "fused=True with the native kernels off (the torch.compile-d update)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max-busy", type=float, default=0.1,

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from emolightning.optim import _native
 from emolightning.optim._emotion import Emotion, EmotionSnapshot
 from emolightning.optim._multi_tensor import (
     CompiledUpdate,
@@ -24,6 +25,7 @@ from emolightning.optim._multi_tensor import (
 )
 
 LossLike = Union[float, int, Tensor]
+_NATIVE_DTYPES = (torch.float32, torch.float64)
 _STRING_STATE_KEYS = ("ema", "scalar_hist", "global_ema", "global_scalar_hist")
 
 
@@ -95,6 +97,9 @@ class EmoOptimizer(Optimizer):
         self._warned_no_loss = False
         self._compiled: dict[Any, CompiledUpdate] = {}
         self._plans: dict[int, tuple] = {}
+        # (group index, bucket, kernel) whose tensors the native kernel refused (e.g. mixed
+        # dtypes): those take the compiled update
+        self._native_refused: set[tuple] = set()
         # what a subclass derives from a bucket's parameters, keyed (group index, bucket, name);
         # dropped with the group's plan when its parameters change
         self._plan_cache: dict[tuple, Any] = {}
@@ -295,6 +300,7 @@ class EmoOptimizer(Optimizer):
         if cached is None or cached[0] != key:
             # new parameters (or shapes): forget compiled updates made for the old ones
             self._compiled = {k: v for k, v in self._compiled.items() if k[0] != index}
+            self._native_refused = {k for k in self._native_refused if k[0] != index}
             self._plan_cache = {k: v for k, v in self._plan_cache.items() if k[0] != index}
             kinds = {(t.device, t.dtype) for t in lists[0]}
             cached = (key, next(iter(kinds)) if len(kinds) == 1 else None)
@@ -303,11 +309,34 @@ class EmoOptimizer(Optimizer):
             return {cached[1]: lists}
         return group_by_device_and_dtype(lists)
 
+    def _run_native(self, index: int, bucket: tuple, kernel: str, lists: list[list], lr: float,
+                    drive: float, *args: Any) -> bool:
+        """On the fused path, run one bucket's update as the C++ ``kernel`` (see
+        :mod:`emolightning.optim._native`) when the bucket is on the CPU in float32 or float64
+        and the kernels are available. Returns whether it ran."""
+        device, dtype = bucket
+        key = (index, bucket, kernel)
+        if device.type != "cpu" or dtype not in _NATIVE_DTYPES or key in self._native_refused:
+            return False
+        ops = _native.native_kernels()
+        if ops is None:
+            return False
+        try:
+            getattr(ops, kernel)(*lists, float(lr), float(drive), *args)
+        except RuntimeError:  # the kernel checks every tensor before it changes any
+            self._native_refused.add(key)
+            return False
+        return True
+
     def _dispatch(self, index: int, bucket: tuple, name: str, fn: Callable[..., None],
                   foreach_fn: Optional[Callable[..., None]], lists: list[list], lr: float,
-                  drive: float, *args: Any) -> None:
-        """Run one bucket's update on the compiled, foreach or per-tensor path."""
+                  drive: float, *args: Any, native: Optional[str] = None) -> None:
+        """Run one bucket's update on the fused (native kernel ``native``, else compiled),
+        foreach or per-tensor path."""
         device = bucket[0]
+        if self.fused and native is not None and self._run_native(index, bucket, native, lists,
+                                                                   lr, drive, *args):
+            return
         if self.fused:
             update = self._compiled.get((index, bucket, name))
             if update is None:

@@ -164,14 +164,17 @@ class EmoClan(EmoOptimizer):
                     wd = wd / self._init_lr
                 columns = [ps, gs, self._state_list(sts, "exp_avg_lynx")]
                 rule, foreach_rule, args = lynx_update, lynx_update_foreach, (*group["lynx_betas"], wd)
+                native = "lynx_step_"
             elif branch == "navi":
                 columns = [ps, gs, self._state_list(sts, "exp_avg_navi"),
                            self._state_list(sts, "exp_avg_sq_navi")]
                 rule, foreach_rule, args = clan_navi_update, None, (beta1, beta2, eps, wd)
+                native = "navi_step_"
             else:
                 columns = self._factored_columns(ps, gs, sts, ("exp_avg_r_fact", "exp_avg_c_fact"),
                                                  ("exp_avg_fact", "exp_avg_sq_fact"))
                 rule, foreach_rule, args = clan_fact_update, None, (beta1, beta2, eps, wd)
+                native = None  # v3.0's factored rule has no native kernel
             self._dispatch(index, bucket, branch, rule, foreach_rule, columns, group["lr"],
-                           self._emotion.drive, *args)
+                           self._emotion.drive, *args, native=native)
         self._write_back(writeback)

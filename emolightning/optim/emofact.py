@@ -166,13 +166,15 @@ class EmoFact(EmoOptimizer):
         work, grads, writeback = self._compute_views(params, grads)
         for bucket, (ps, gs, sts) in self._buckets(index, params, [work, grads, states]).items():
             columns = self._factored_columns(ps, gs, sts, ("exp_avg_r", "exp_avg_c"), ("exp_avg_sq",))
+            args = (group["lr"], self._emotion.drive, *group["betas"],
+                    floored_eps(group["eps"], bucket[1]), group["weight_decay"])
+            if self.fused and self._run_native(index, bucket, "fact_step_", columns, *args):
+                continue
             update = fact_update
             if self.fused:
                 columns.insert(4, self._shared_ones(index, bucket, columns[0]))
                 update = fact_update_fused
-            self._dispatch(index, bucket, "fact", update, fact_update_foreach, columns,
-                           group["lr"], self._emotion.drive, *group["betas"],
-                           floored_eps(group["eps"], bucket[1]), group["weight_decay"])
+            self._dispatch(index, bucket, "fact", update, fact_update_foreach, columns, *args)
         self._write_back(writeback)
 
     def _shared_ones(self, index: int, bucket: tuple, matrices: list[Tensor]) -> list[Tensor]:

@@ -83,5 +83,6 @@ class EmoLynx(EmoOptimizer):
         lists = [work, grads, self._state_list(states, "exp_avg")]
         for bucket, columns in self._buckets(index, params, lists).items():
             self._dispatch(index, bucket, "lynx", lynx_update, lynx_update_foreach, columns,
-                           group["lr"], self._emotion.drive, *group["betas"], group["weight_decay"])
+                           group["lr"], self._emotion.drive, *group["betas"], group["weight_decay"],
+                           native="lynx_step_")
         self._write_back(writeback)

@@ -111,5 +111,6 @@ class EmoNavi(EmoOptimizer):
         for bucket, columns in self._buckets(index, params, lists).items():
             self._dispatch(index, bucket, "navi", navi_update, navi_update_foreach, columns,
                            group["lr"], self._emotion.drive, beta1, beta2,
-                           floored_eps(group["eps"], bucket[1]), group["weight_decay"])
+                           floored_eps(group["eps"], bucket[1]), group["weight_decay"],
+                           native="navi_step_")
         self._write_back(writeback)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
+from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi, _native
 
 ALL_OPTIMIZERS = [EmoNavi, EmoFact, EmoLynx, EmoClan]
 MODERN = [EmoNavi, EmoFact, EmoLynx]
@@ -20,6 +20,12 @@ def regression_params():
 
 def regression_loss(weight, bias):
     return ((X @ weight.T + bias - Y) ** 2).mean()
+
+
+@pytest.fixture
+def compiled_backend(monkeypatch):
+    """``fused=True`` runs the torch.compile-d update (as on CUDA), not the native CPU kernels."""
+    monkeypatch.setattr(_native, "enabled", False)
 
 
 @pytest.fixture(params=ALL_OPTIMIZERS, ids=lambda c: c.__name__)

@@ -7,7 +7,7 @@ from collections import deque
 import pytest
 import torch
 
-from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
+from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi, _native
 from emolightning.optim.emofact import SHARED_LOOP_NUMEL
 from tests.optim.conftest import MODERN, regression_loss, regression_params
 
@@ -288,16 +288,22 @@ def test_fact_state_shapes():
 
 
 # ------------------------------------------------------------------------------- paths
-@pytest.mark.parametrize("path", ["foreach", "fused"])
+# "native": fused=True on the CPU in float64 runs the C++ kernels; "compiled": the
+# torch.compile-d update that CUDA (and any bucket the kernels do not take) runs.
+@pytest.mark.parametrize("path", ["foreach", "native", "compiled"])
 @pytest.mark.parametrize("use_shadow", [False, True], ids=["plain", "shadow"])
-def test_multi_tensor_paths_match_the_loop(optimizer_class, path, use_shadow):
+def test_multi_tensor_paths_match_the_loop(optimizer_class, path, use_shadow, monkeypatch):
     losses = [1.0, 0.7, 0.75, 0.72, 0.5, 0.45, 0.9, 0.3]
+    monkeypatch.setattr(_native, "enabled", path == "native")
     results = {}
-    for name, kwargs in (("loop", {"foreach": False}), (path, {path: True})):
+    kwargs = {"foreach": True} if path == "foreach" else {"fused": True}
+    for name, kwargs in (("loop", {"foreach": False}), (path, kwargs)):
         params = _params(dtype=torch.float64)
         optimizer = optimizer_class(params, lr=1e-2, use_shadow=use_shadow, **kwargs)
         _run(optimizer, params, losses)
         results[name] = ([p.detach() for p in params], optimizer.snapshot(), _states(optimizer, params))
+    if path == "native" and optimizer_class is not EmoClan:  # Clan's v3.0 fact rule stays compiled
+        assert not optimizer._compiled and not optimizer._native_refused
     # EmoClan's float32 second moments round differently once the compiler fuses them.
     rtol = 1e-6 if optimizer_class is EmoClan else 1e-10
     for a, b in zip(results["loop"][0], results[path][0]):
@@ -327,14 +333,19 @@ def _assert_states_close(expected, actual, rtol):
 # EmoFact update visits matrices grouped by shape and multiplies the small ones by shared ones
 # tensors; (300, 300) is above SHARED_LOOP_NUMEL and keeps its own loops, though (2, 300)
 # has the same row shape.
+# (700, 400) is more than the native kernel's row block (2**18 elements), so its rows are
+# split between threads and its column statistics summed from parts.
 GROUPED_SHAPES = [(6, 4), (4, 6), (6, 4), (3, 5, 2, 2), (4, 6), (6, 4), (9,), (4, 6), (), (6, 4),
-                  (300, 300), (2, 300)]
+                  (300, 300), (2, 300), (700, 400)]
 
 
+@pytest.mark.parametrize("backend", ["native", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fact_fused_matches_the_loop_on_grouped_shapes(dtype):
+def test_fact_fused_matches_the_loop_on_grouped_shapes(dtype, backend, monkeypatch):
     losses = [1.0, 0.7, 0.75, 0.72, 0.5, 0.45, 0.9, 0.3, 0.31, 0.29]
     assert 300 * 300 > SHARED_LOOP_NUMEL >= 2 * 300
+    assert 700 * 400 > 1 << 18
+    monkeypatch.setattr(_native, "enabled", backend == "native")
     results = {}
     for name, kwargs in (("loop", {"foreach": False}), ("fused", {"fused": True})):
         params = _params(shapes=GROUPED_SHAPES, dtype=dtype)
@@ -345,6 +356,8 @@ def test_fact_fused_matches_the_loop_on_grouped_shapes(dtype):
                 params[0].grad = params[4].grad = None
             optimizer.step(loss=loss)
         assert not any(update.failed for update in optimizer._compiled.values())
+        if name == "fused":
+            assert bool(optimizer._compiled) == (backend == "compiled")
         results[name] = ([p.detach().clone() for p in params], _states(optimizer, params),
                          optimizer.state_dict())
     rtol = 1e-10 if dtype is torch.float64 else 1e-5
@@ -356,7 +369,7 @@ def test_fact_fused_matches_the_loop_on_grouped_shapes(dtype):
     assert {i: sorted(s) for i, s in loop_state.items()} == {i: sorted(s) for i, s in fused_state.items()}
 
 
-def test_fused_path_does_not_recompile_when_lr_and_drive_change():
+def test_fused_path_does_not_recompile_when_lr_and_drive_change(compiled_backend):
     import torch._dynamo.utils as dynamo_utils
 
     params = _params(shapes=[(6, 5), (5,)])
@@ -375,7 +388,7 @@ def test_fused_path_does_not_recompile_when_lr_and_drive_change():
 
 
 @pytest.mark.parametrize("cls", [EmoNavi, EmoFact])
-def test_fused_path_with_fp32_state_of_bf16_weights_compiles_once(cls):
+def test_fused_path_with_fp32_state_of_bf16_weights_compiles_once(cls, compiled_backend):
     import torch._dynamo.utils as dynamo_utils
 
     params = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
@@ -392,7 +405,7 @@ def test_fused_path_with_fp32_state_of_bf16_weights_compiles_once(cls):
         torch.testing.assert_close(a, b)
 
 
-def test_fused_path_falls_back_to_eager_when_compilation_fails(monkeypatch):
+def test_fused_path_falls_back_to_eager_when_compilation_fails(monkeypatch, compiled_backend):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
@@ -406,6 +419,86 @@ def test_fused_path_falls_back_to_eager_when_compilation_fails(monkeypatch):
     _run(loop, reference, LOSSES)
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b)
+
+
+def test_native_kernels_fall_back_to_the_compiled_update_when_they_cannot_be_built(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_ops", None)
+    params, reference = _params(), _params()
+    fused = EmoLynx(params, lr=1e-2, fused=True)
+    with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
+        _run(fused, params, LOSSES)
+    assert fused._compiled and not any(update.failed for update in fused._compiled.values())
+    _run(EmoLynx(reference, lr=1e-2, foreach=False), reference, LOSSES)
+    for a, b in zip(params, reference):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_bucket_the_native_kernel_refuses_takes_the_compiled_update():
+    # EmoClan's Navi rule keeps float32 second moments for float64 weights: mixed dtypes
+    params, reference = _params(dtype=torch.float64), _params(dtype=torch.float64)
+    fused = EmoClan(params, lr=1e-2, fused=True)
+    _run(fused, params, [1.0, 1.0])
+    assert fused._branch() == "navi"
+    assert [key[2] for key in fused._native_refused] == ["navi_step_"]
+    assert [key[2] for key in fused._compiled] == ["navi"]
+    _run(EmoClan(reference, lr=1e-2, foreach=False), reference, [1.0, 1.0])
+    for a, b in zip(params, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("cls", MODERN)
+def test_native_kernels_take_fp32_work_copies_of_bf16_weights(cls):
+    params = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
+    reference = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
+    fused = cls(params, lr=1e-2, fused=True, state_dtype=torch.float32)
+    _run(fused, params, LOSSES)
+    assert not fused._compiled and not fused._native_refused
+    _run(cls(reference, lr=1e-2, foreach=False, state_dtype=torch.float32), reference, LOSSES)
+    for a, b in zip(params, reference):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", MODERN)
+def test_native_kernels_record_their_in_place_changes_for_autograd(cls):
+    # as torch's in-place ops do: a graph that saved the old weights must refuse to use them
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = cls([weight], lr=1e-2, fused=True)
+    saved = (weight * weight).sum()
+    weight.grad = torch.randn(4, 3)
+    optimizer.step(loss=1.0)
+    assert not optimizer._compiled
+    assert weight._version == 1 and all(t._version == 1 for t in optimizer.state[weight].values())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+@pytest.mark.parametrize("cls", MODERN)
+def test_native_kernels_give_the_same_bits_on_any_thread_count(cls):
+    # ranks of a distributed run must stay identical whatever their thread settings
+    shapes = [(700, 400), (16, 768), (768, 16), (3, 5, 2, 2), (9,)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            params = _params(shapes=shapes)
+            optimizer = cls(params, lr=1e-2, fused=True)
+            _run(optimizer, params, LOSSES[:4])
+            assert not optimizer._compiled
+            results.append(([p.detach().clone() for p in params], _states(optimizer, params)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    for want, got in zip(results[0][1], results[1][1]):
+        assert all(torch.equal(want[key][2], got[key][2]) for key in want)
 
 
 # ------------------------------------------------------------------------------ errors

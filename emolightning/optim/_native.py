@@ -1,0 +1,60 @@
+"""The fused path's CPU kernels: C++ multi-tensor updates, built on first use.
+
+``fused=True`` on the CPU runs EmoNavi's, EmoFact's and EmoLynx's updates (and EmoClan's
+Navi and Lynx rules) as one C++ call per bucket of float32 or float64 tensors
+(``csrc/emo_kernels.cpp``, registered as ``torch.ops.emolightning.*``), like torch's own fused
+AdamW: every element is read and written once and the work is split across torch's CPU
+threads, with no per-tensor Python or compiled-graph input checks. The source is compiled with
+``torch.utils.cpp_extension`` the first time it is needed (a few seconds; it needs a C++
+compiler, as ``torch.compile`` does on the CPU, and ``ninja``) and cached in torch's extension
+folder (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+
+Everything else (CUDA tensors, float16/bfloat16 buckets, tensors of mixed dtypes) takes the
+``torch.compile``-d update. If the kernels cannot be built, a warning says why once and the
+compiled update is used. ``EMOLIGHTNING_NATIVE_KERNELS=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "emo_kernels.cpp"
+LIBRARY = "emolightning_kernels"
+
+enabled = os.environ.get("EMOLIGHTNING_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+_ops: Optional[Any] = None
+_tried = False
+
+
+def native_kernels() -> Optional[Any]:
+    """``torch.ops.emolightning`` once the kernels are built and loaded; None when they are
+    turned off or could not be built (the reason is given once as a ``RuntimeWarning``)."""
+    global _ops, _tried
+    if not enabled:
+        return None
+    if _tried:
+        return _ops
+    _tried = True
+    try:
+        from torch.utils.cpp_extension import load
+
+        # No -march=native: the build folder may be shared by machines of different CPUs.
+        # -fno-math-errno lets the compiler vectorize sqrt (errno is never read here).
+        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        _ops = torch.ops.emolightning
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
+        warnings.warn(
+            f"emolightning: the fused path's CPU kernels ({SOURCE.name}) could not be built "
+            f"({type(error).__name__}: {str(error).strip()[-500:]}); fused=True uses the "
+            "torch.compile-d update instead. Install a C++ compiler and ninja to get them, or "
+            "set EMOLIGHTNING_NATIVE_KERNELS=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _ops

@@ -1,0 +1,359 @@
+// Multi-tensor CPU kernels for the Emo optimizers' fused path (see emolightning/optim/_native.py).
+//
+// One call updates every tensor of a bucket: the elements of all tensors are split across
+// torch's CPU threads and each element is read and written once, with no per-tensor dispatch.
+// The arithmetic follows the Python updates in emonavi.py, emolynx.py and emofact.py;
+// only the rounding of fused multiply-adds and of EmoFact's row/column sums (accumulated in
+// double) may differ from them.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using at::TensorList;  // c10::ArrayRef<Tensor>: what a Tensor[] argument arrives as
+
+// Elements per thread chunk: small enough to share a few large tensors between threads, large
+// enough that a chunk's start-up cost stays negligible.
+constexpr int64_t kGrain = 1 << 15;
+// EmoFact: rows of one matrix are handled together in blocks of about this many elements.
+constexpr int64_t kRowBlock = 1 << 18;
+
+void check_list(TensorList list, const Tensor& like, const char* name) {
+  for (const auto& t : list) {
+    TORCH_CHECK(t.device().is_cpu(), name, ": every tensor must be on the CPU");
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ",
+                like.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), name, ": every tensor must be contiguous");
+  }
+}
+
+void check_parallel(TensorList params, TensorList other, const char* name) {
+  TORCH_CHECK(other.size() == params.size(), name, ": expected ", params.size(), " tensors, got ",
+              other.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(other[i].numel() == params[i].numel(), name, "[", i, "]: expected ",
+                params[i].numel(), " elements, got ", other[i].numel());
+  }
+}
+
+void check_floating(TensorList params) {
+  TORCH_CHECK(!params.empty(), "expected at least one parameter");
+  auto dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "the native kernels take float32 or float64 tensors, got ", dtype);
+}
+
+// torch.sign without branches (random signs would mispredict half of them): NaN stays NaN.
+// Writes through data pointers bypass autograd's record of in-place changes; bump it as an
+// in-place torch op would, so a graph that saved these tensors refuses to use stale values.
+void bump_versions(std::initializer_list<TensorList> lists) {
+  for (TensorList list : lists) {
+    for (const auto& t : list) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+template <typename T>
+inline T sign_of(T x) {
+  const T s = static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
+  return x == x ? s : x;
+}
+
+// Calls f(tensor index, begin, end) on element spans that together cover every tensor once,
+// spread over torch's CPU threads.
+template <typename F>
+void for_each_span(TensorList tensors, const F& f) {
+  std::vector<int64_t> offsets(tensors.size() + 1, 0);
+  for (size_t i = 0; i < tensors.size(); ++i) offsets[i + 1] = offsets[i] + tensors[i].numel();
+  at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    while (begin < end) {
+      int64_t stop = std::min(end, offsets[t + 1]);
+      if (stop > begin) f(t, begin - offsets[t], stop - offsets[t]);
+      begin = stop;
+      ++t;
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------ EmoNavi
+// The element loops take restrict pointers and their constants by value, so the compiler knows
+// that no store changes them and vectorizes the loop.
+template <typename T, bool decays>
+void navi_span(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, int64_t n,
+               T b1, T b2, T c1, T c2, T e, T decay, T step) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i];
+    const T mi = m[i] * b1 + gi * c1;
+    const T vi = v[i] * b2 + gi * gi * c2;
+    m[i] = mi;
+    v[i] = vi;
+    T pi = p[i];
+    if (decays) pi = pi - pi * decay;
+    p[i] = pi - mi / (std::sqrt(vi) + e) * step;
+  }
+}
+
+template <typename T>
+void navi_impl(TensorList params, TensorList grads, TensorList exp_avgs,
+               TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
+               double eps, double weight_decay) {
+  const T b1 = beta1, b2 = beta2, c1 = 1 - beta1, c2 = 1 - beta2, e = eps;
+  const T decay = lr * weight_decay, step = lr * drive;
+  for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
+    T* p = params[t].data_ptr<T>() + begin;
+    const T* g = grads[t].data_ptr<T>() + begin;
+    if (weight_decay != 0) {
+      navi_span<T, true>(p, g, exp_avgs[t].data_ptr<T>() + begin, exp_avg_sqs[t].data_ptr<T>() + begin,
+                         end - begin, b1, b2, c1, c2, e, decay, step);
+    } else {
+      navi_span<T, false>(p, g, exp_avgs[t].data_ptr<T>() + begin, exp_avg_sqs[t].data_ptr<T>() + begin,
+                          end - begin, b1, b2, c1, c2, e, decay, step);
+    }
+  });
+}
+
+void navi_step(TensorList params, TensorList grads, TensorList exp_avgs,
+               TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
+               double eps, double weight_decay) {
+  check_floating(params);
+  for (auto* list : {&params, &grads, &exp_avgs, &exp_avg_sqs}) check_list(*list, params[0], "navi");
+  check_parallel(params, grads, "grads");
+  check_parallel(params, exp_avgs, "exp_avgs");
+  check_parallel(params, exp_avg_sqs, "exp_avg_sqs");
+  if (params[0].scalar_type() == at::kFloat) {
+    navi_impl<float>(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay);
+  } else {
+    navi_impl<double>(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay);
+  }
+  bump_versions({params, exp_avgs, exp_avg_sqs});
+}
+
+// ------------------------------------------------------------------------------------ EmoLynx
+template <typename T>
+void lynx_span(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n, T b1, T b2,
+               T c1, T c2, T keep, T step) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i], mi = m[i];
+    p[i] = p[i] * keep - sign_of(gi * c1 + mi * b1) * step;
+    m[i] = mi * b2 + gi * c2;
+  }
+}
+
+template <typename T>
+void lynx_impl(TensorList params, TensorList grads, TensorList exp_avgs,
+               double lr, double drive, double beta1, double beta2, double weight_decay) {
+  const T b1 = beta1, b2 = beta2, c1 = 1 - beta1, c2 = 1 - beta2;
+  const T keep = 1 - lr * weight_decay, step = lr * drive;
+  for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
+    lynx_span<T>(params[t].data_ptr<T>() + begin, grads[t].data_ptr<T>() + begin,
+                 exp_avgs[t].data_ptr<T>() + begin, end - begin, b1, b2, c1, c2, keep, step);
+  });
+}
+
+void lynx_step(TensorList params, TensorList grads, TensorList exp_avgs,
+               double lr, double drive, double beta1, double beta2, double weight_decay) {
+  check_floating(params);
+  for (auto* list : {&params, &grads, &exp_avgs}) check_list(*list, params[0], "lynx");
+  check_parallel(params, grads, "grads");
+  check_parallel(params, exp_avgs, "exp_avgs");
+  if (params[0].scalar_type() == at::kFloat) {
+    lynx_impl<float>(params, grads, exp_avgs, lr, drive, beta1, beta2, weight_decay);
+  } else {
+    lynx_impl<double>(params, grads, exp_avgs, lr, drive, beta1, beta2, weight_decay);
+  }
+  bump_versions({params, exp_avgs});
+}
+
+// ------------------------------------------------------------------------------------ EmoFact
+// One row of a matrix: the sign step, the row's sum of squares (returned) and its squares added
+// to the column sums.
+template <typename T>
+double fact_row(T* __restrict p, const T* __restrict g, double* __restrict col_sums, int64_t n,
+                T decay, T step) {
+  // kLanes running sums (added up at the end in a fixed order): one sum would chain every
+  // addition to the previous one and keep the loop from being vectorized.
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const T gj = g[j + k];
+      const T g2 = gj * gj;
+      lanes[k] += g2;
+      col_sums[j + k] += g2;
+      const T pj = p[j + k];
+      p[j + k] = (pj - pj * decay) - sign_of(gj) * step;
+    }
+  }
+  for (; j < n; ++j) {
+    const T gj = g[j];
+    const T g2 = gj * gj;
+    lanes[0] += g2;
+    col_sums[j] += g2;
+    const T pj = p[j];
+    p[j] = (pj - pj * decay) - sign_of(gj) * step;
+  }
+  double row_sum = 0;
+  for (double lane : lanes) row_sum += lane;
+  return row_sum;
+}
+
+template <typename T>
+void fact_vector_span(T* __restrict p, const T* __restrict g, T* __restrict v, int64_t n, T b1,
+                      T c2, T decay, T step) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i];
+    v[i] = v[i] * b1 + gi * gi * c2;
+    const T pi = p[i];
+    p[i] = (pi - pi * decay) - sign_of(gi) * step;
+  }
+}
+
+struct RowBlock {
+  int64_t matrix, row_begin, row_end, partial;  // partial: offset of its column sums, or -1
+};
+
+template <typename T>
+void fact_impl(TensorList params, TensorList grads, TensorList rows,
+               TensorList cols, TensorList params_1d, TensorList grads_1d,
+               TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
+               double eps, double weight_decay) {
+  const T b1 = beta1, c1 = 1 - beta1, c2 = 1 - beta2, e = eps;
+  const T decay = lr * weight_decay, step = lr * drive;
+
+  // Matrices (dim >= 2, viewed as [rows, numel / rows]) in blocks of whole rows. A matrix in
+  // one block finishes its column statistics in that block; the blocks of a larger matrix
+  // leave partial column sums that are added up afterwards.
+  std::vector<RowBlock> blocks;
+  std::vector<int64_t> split;  // matrices in more than one block
+  int64_t partial_size = 0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t n_rows = params[t].size(0), n_cols = params[t].numel() / std::max<int64_t>(n_rows, 1);
+    if (n_rows == 0 || n_cols == 0) continue;
+    const int64_t per_block = std::max<int64_t>(1, kRowBlock / n_cols);
+    if (per_block >= n_rows) {
+      blocks.push_back({static_cast<int64_t>(t), 0, n_rows, -1});
+      continue;
+    }
+    split.push_back(t);
+    for (int64_t r = 0; r < n_rows; r += per_block) {
+      blocks.push_back({static_cast<int64_t>(t), r, std::min(n_rows, r + per_block), partial_size});
+      partial_size += n_cols;
+    }
+  }
+  std::vector<double> partial(partial_size);
+  auto finish_columns = [&](int64_t t, const double* sums) {
+    T* c = cols[t].data_ptr<T>();
+    const int64_t n_rows = params[t].size(0), n_cols = params[t].numel() / n_rows;
+    for (int64_t j = 0; j < n_cols; ++j) {
+      c[j] = c[j] * b1 + std::sqrt(static_cast<T>(sums[j] / n_rows) + e) * c1;
+    }
+  };
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
+    std::vector<double> local;
+    for (int64_t b = first; b < last; ++b) {
+      const RowBlock& block = blocks[b];
+      const int64_t t = block.matrix;
+      const int64_t n_cols = params[t].numel() / params[t].size(0);
+      double* sums = block.partial >= 0 ? partial.data() + block.partial : nullptr;
+      if (sums == nullptr) {
+        local.assign(n_cols, 0.0);
+        sums = local.data();
+      }
+      T* p = params[t].data_ptr<T>();
+      const T* g = grads[t].data_ptr<T>();
+      T* r = rows[t].data_ptr<T>();
+      for (int64_t i = block.row_begin; i < block.row_end; ++i) {
+        const double row_sum = fact_row<T>(p + i * n_cols, g + i * n_cols, sums, n_cols, decay, step);
+        r[i] = r[i] * b1 + std::sqrt(static_cast<T>(row_sum / n_cols) + e) * c1;
+      }
+      if (block.partial < 0) finish_columns(t, sums);
+    }
+  });
+  if (!split.empty()) {
+    at::parallel_for(0, static_cast<int64_t>(split.size()), 1, [&](int64_t first, int64_t last) {
+      std::vector<double> total;
+      for (int64_t s = first; s < last; ++s) {
+        const int64_t t = split[s];
+        const int64_t n_cols = params[t].numel() / params[t].size(0);
+        total.assign(n_cols, 0.0);
+        for (const RowBlock& block : blocks) {
+          if (block.matrix != t) continue;
+          const double* part = partial.data() + block.partial;
+          for (int64_t j = 0; j < n_cols; ++j) total[j] += part[j];
+        }
+        finish_columns(t, total.data());
+      }
+    });
+  }
+
+  // Vectors and scalars: a (never used) second moment and the sign step.
+  if (!params_1d.empty()) {
+    for_each_span(params_1d, [&](size_t t, int64_t begin, int64_t end) {
+      fact_vector_span<T>(params_1d[t].data_ptr<T>() + begin, grads_1d[t].data_ptr<T>() + begin,
+                          exp_avg_sqs[t].data_ptr<T>() + begin, end - begin, b1, c2, decay, step);
+    });
+  }
+}
+
+void fact_step(TensorList params, TensorList grads, TensorList rows,
+               TensorList cols, TensorList params_1d, TensorList grads_1d,
+               TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
+               double eps, double weight_decay) {
+  std::vector<Tensor> every(params.begin(), params.end());
+  every.insert(every.end(), params_1d.begin(), params_1d.end());
+  check_floating(every);
+  const Tensor& like = every[0];
+  for (auto* list : {&params, &grads, &rows, &cols, &params_1d, &grads_1d, &exp_avg_sqs}) {
+    check_list(*list, like, "fact");
+  }
+  check_parallel(params, grads, "grads");
+  check_parallel(params_1d, grads_1d, "grads_1d");
+  check_parallel(params_1d, exp_avg_sqs, "exp_avg_sqs");
+  TORCH_CHECK(rows.size() == params.size() && cols.size() == params.size(),
+              "fact: expected one row and one column statistic per matrix");
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(params[t].dim() >= 2, "fact: params[", t, "] is not a matrix");
+    const int64_t n_rows = params[t].size(0);
+    TORCH_CHECK(rows[t].numel() == n_rows, "fact: rows[", t, "] has ", rows[t].numel(),
+                " elements for ", n_rows, " rows");
+    TORCH_CHECK(n_rows == 0 || cols[t].numel() == params[t].numel() / n_rows, "fact: cols[", t,
+                "] has ", cols[t].numel(), " elements for ", params[t].numel() / n_rows, " columns");
+  }
+  if (like.scalar_type() == at::kFloat) {
+    fact_impl<float>(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, beta1,
+                     beta2, eps, weight_decay);
+  } else {
+    fact_impl<double>(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, beta1,
+                      beta2, eps, weight_decay);
+  }
+  bump_versions({params, rows, cols, params_1d, exp_avg_sqs});
+}
+
+}  // namespace
+
+TORCH_LIBRARY(emolightning, m) {
+  m.def("navi_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, float lr, float drive, float beta1, float beta2, float eps, "
+        "float weight_decay) -> ()");
+  m.def("lynx_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, "
+        "float drive, float beta1, float beta2, float weight_decay) -> ()");
+  m.def("fact_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] rows, Tensor(c!)[] cols, "
+        "Tensor(d!)[] params_1d, Tensor[] grads_1d, Tensor(e!)[] exp_avg_sqs, float lr, "
+        "float drive, float beta1, float beta2, float eps, float weight_decay) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(emolightning, CPU, m) {
+  m.impl("navi_step_", &navi_step);
+  m.impl("lynx_step_", &lynx_step);
+  m.impl("fact_step_", &fact_step);
+}
