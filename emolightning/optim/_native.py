@@ -17,6 +17,7 @@ compiled update is used. ``EMOLIGHTNING_NATIVE_KERNELS=0`` turns them off.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -43,9 +44,14 @@ def native_kernels() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load
 
-        # No -march=native: the build folder may be shared by machines of different CPUs.
-        # -fno-math-errno lets the compiler vectorize sqrt (errno is never read here).
-        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"],
+        _clear_stale_lock()
+        # No -march=native: the build folder may be shared by machines of different CPUs (the
+        # source picks AVX2 or baseline loops at load time). -fno-math-errno lets the compiler
+        # vectorize sqrt (errno is never read here). -ffp-contract=off: no fused multiply-adds,
+        # so an element rounds alike in a vector loop and in its scalar remainder, and results
+        # do not depend on how the elements are split between threads.
+        load(name=LIBRARY, sources=[str(SOURCE)],
+             extra_cflags=["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"],
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         _ops = torch.ops.emolightning
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back
@@ -58,3 +64,20 @@ def native_kernels() -> Optional[Any]:
             stacklevel=2,
         )
     return _ops
+
+
+# A build takes seconds; a lock file older than this was left by a process killed mid-build
+# (torch removes it on errors and interrupts), and every later load would wait for it forever.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock() -> None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(LIBRARY, verbose=False)) / "lock"
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink(missing_ok=True)
+            warnings.warn(f"emolightning: removed a stale build lock, {lock}", RuntimeWarning, stacklevel=3)
+    except (ImportError, OSError):
+        pass  # no lock (the usual case), or torch moved its helper: nothing to clear

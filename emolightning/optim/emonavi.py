@@ -62,8 +62,10 @@ class EmoNavi(EmoOptimizer):
             ranks take identical steps.
         foreach: multi-tensor ``torch._foreach_*`` update (default: on for CUDA, where it is
             fused; on the CPU the per-tensor update is faster).
-        fused: ``torch.compile``-d multi-tensor update, the fastest path after a one-time
-            compilation; falls back to eager if compilation fails.
+        fused: the fastest path. On the CPU (float32/float64) one C++ multi-tensor kernel call
+            per step, built in seconds on first use; elsewhere a ``torch.compile``-d
+            multi-tensor update. Each falls back to the next (kernels, compiled, eager) with a
+            warning if it cannot be built.
         state_dtype: dtype of the optimizer state (default: the parameter's); ``torch.float32``
             keeps fp32 moments for fp16/bf16 parameters.
         writer: optional TensorBoard ``SummaryWriter``, as in the reference.

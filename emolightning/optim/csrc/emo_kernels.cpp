@@ -2,9 +2,9 @@
 //
 // One call updates every tensor of a bucket: the elements of all tensors are split across
 // torch's CPU threads and each element is read and written once, with no per-tensor dispatch.
-// The arithmetic follows the Python updates in emonavi.py, emolynx.py and emofact.py;
-// only the rounding of fused multiply-adds and of EmoFact's row/column sums (accumulated in
-// double) may differ from them.
+// The arithmetic follows the Python updates in emonavi.py, emolynx.py and emofact.py, operation
+// by operation (built without fused multiply-adds); EmoFact's row and column sums are
+// accumulated in double, so they may round differently from torch's mean.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -20,6 +20,16 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;  // c10::ArrayRef<Tensor>: what a Tensor[] argument arrives as
+
+// The element loops are built twice on x86-64 with GCC: for AVX2 with FMA (x86-64-v3) and for
+// the baseline; the loader picks one for the running CPU. No -march=native, which would tie a
+// cached build to the machine that made it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EMO_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define EMO_CLONES
+#endif
+#define EMO_INLINE inline __attribute__((always_inline))
 
 // Elements per thread chunk: small enough to share a few large tensors between threads, large
 // enough that a chunk's start-up cost stays negligible.
@@ -62,7 +72,7 @@ void bump_versions(std::initializer_list<TensorList> lists) {
 }
 
 template <typename T>
-inline T sign_of(T x) {
+EMO_INLINE T sign_of(T x) {
   const T s = static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
   return x == x ? s : x;
 }
@@ -88,7 +98,7 @@ void for_each_span(TensorList tensors, const F& f) {
 // The element loops take restrict pointers and their constants by value, so the compiler knows
 // that no store changes them and vectorizes the loop.
 template <typename T, bool decays>
-void navi_span(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, int64_t n,
+EMO_INLINE void navi_body(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, int64_t n,
                T b1, T b2, T c1, T c2, T e, T decay, T step) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i];
@@ -102,6 +112,18 @@ void navi_span(T* __restrict p, const T* __restrict g, T* __restrict m, T* __res
   }
 }
 
+EMO_CLONES void navi_span(float* p, const float* g, float* m, float* v, int64_t n, float b1,
+                          float b2, float c1, float c2, float e, float decay, float step, bool decays) {
+  decays ? navi_body<float, true>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step)
+         : navi_body<float, false>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step);
+}
+EMO_CLONES void navi_span(double* p, const double* g, double* m, double* v, int64_t n, double b1,
+                          double b2, double c1, double c2, double e, double decay, double step,
+                          bool decays) {
+  decays ? navi_body<double, true>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step)
+         : navi_body<double, false>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step);
+}
+
 template <typename T>
 void navi_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
@@ -111,13 +133,8 @@ void navi_impl(TensorList params, TensorList grads, TensorList exp_avgs,
   for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
     T* p = params[t].data_ptr<T>() + begin;
     const T* g = grads[t].data_ptr<T>() + begin;
-    if (weight_decay != 0) {
-      navi_span<T, true>(p, g, exp_avgs[t].data_ptr<T>() + begin, exp_avg_sqs[t].data_ptr<T>() + begin,
-                         end - begin, b1, b2, c1, c2, e, decay, step);
-    } else {
-      navi_span<T, false>(p, g, exp_avgs[t].data_ptr<T>() + begin, exp_avg_sqs[t].data_ptr<T>() + begin,
-                          end - begin, b1, b2, c1, c2, e, decay, step);
-    }
+    navi_span(p, g, exp_avgs[t].data_ptr<T>() + begin, exp_avg_sqs[t].data_ptr<T>() + begin,
+              end - begin, b1, b2, c1, c2, e, decay, step, weight_decay != 0);
   });
 }
 
@@ -139,7 +156,7 @@ void navi_step(TensorList params, TensorList grads, TensorList exp_avgs,
 
 // ------------------------------------------------------------------------------------ EmoLynx
 template <typename T>
-void lynx_span(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n, T b1, T b2,
+EMO_INLINE void lynx_body(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n, T b1, T b2,
                T c1, T c2, T keep, T step) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i], mi = m[i];
@@ -148,13 +165,22 @@ void lynx_span(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t 
   }
 }
 
+EMO_CLONES void lynx_span(float* p, const float* g, float* m, int64_t n, float b1, float b2,
+                          float c1, float c2, float keep, float step) {
+  lynx_body<float>(p, g, m, n, b1, b2, c1, c2, keep, step);
+}
+EMO_CLONES void lynx_span(double* p, const double* g, double* m, int64_t n, double b1, double b2,
+                          double c1, double c2, double keep, double step) {
+  lynx_body<double>(p, g, m, n, b1, b2, c1, c2, keep, step);
+}
+
 template <typename T>
 void lynx_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                double lr, double drive, double beta1, double beta2, double weight_decay) {
   const T b1 = beta1, b2 = beta2, c1 = 1 - beta1, c2 = 1 - beta2;
   const T keep = 1 - lr * weight_decay, step = lr * drive;
   for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
-    lynx_span<T>(params[t].data_ptr<T>() + begin, grads[t].data_ptr<T>() + begin,
+    lynx_span(params[t].data_ptr<T>() + begin, grads[t].data_ptr<T>() + begin,
                  exp_avgs[t].data_ptr<T>() + begin, end - begin, b1, b2, c1, c2, keep, step);
   });
 }
@@ -177,7 +203,7 @@ void lynx_step(TensorList params, TensorList grads, TensorList exp_avgs,
 // One row of a matrix: the sign step, the row's sum of squares (returned) and its squares added
 // to the column sums.
 template <typename T>
-double fact_row(T* __restrict p, const T* __restrict g, double* __restrict col_sums, int64_t n,
+EMO_INLINE double fact_row_body(T* __restrict p, const T* __restrict g, double* __restrict col_sums, int64_t n,
                 T decay, T step) {
   // kLanes running sums (added up at the end in a fixed order): one sum would chain every
   // addition to the previous one and keep the loop from being vectorized.
@@ -208,7 +234,7 @@ double fact_row(T* __restrict p, const T* __restrict g, double* __restrict col_s
 }
 
 template <typename T>
-void fact_vector_span(T* __restrict p, const T* __restrict g, T* __restrict v, int64_t n, T b1,
+EMO_INLINE void fact_vector_body(T* __restrict p, const T* __restrict g, T* __restrict v, int64_t n, T b1,
                       T c2, T decay, T step) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i];
@@ -216,6 +242,23 @@ void fact_vector_span(T* __restrict p, const T* __restrict g, T* __restrict v, i
     const T pi = p[i];
     p[i] = (pi - pi * decay) - sign_of(gi) * step;
   }
+}
+
+EMO_CLONES double fact_row(float* p, const float* g, double* col_sums, int64_t n, float decay,
+                           float step) {
+  return fact_row_body<float>(p, g, col_sums, n, decay, step);
+}
+EMO_CLONES double fact_row(double* p, const double* g, double* col_sums, int64_t n, double decay,
+                           double step) {
+  return fact_row_body<double>(p, g, col_sums, n, decay, step);
+}
+EMO_CLONES void fact_vector_span(float* p, const float* g, float* v, int64_t n, float b1, float c2,
+                                 float decay, float step) {
+  fact_vector_body<float>(p, g, v, n, b1, c2, decay, step);
+}
+EMO_CLONES void fact_vector_span(double* p, const double* g, double* v, int64_t n, double b1,
+                                 double c2, double decay, double step) {
+  fact_vector_body<double>(p, g, v, n, b1, c2, decay, step);
 }
 
 struct RowBlock {
@@ -273,7 +316,7 @@ void fact_impl(TensorList params, TensorList grads, TensorList rows,
       const T* g = grads[t].data_ptr<T>();
       T* r = rows[t].data_ptr<T>();
       for (int64_t i = block.row_begin; i < block.row_end; ++i) {
-        const double row_sum = fact_row<T>(p + i * n_cols, g + i * n_cols, sums, n_cols, decay, step);
+        const double row_sum = fact_row(p + i * n_cols, g + i * n_cols, sums, n_cols, decay, step);
         r[i] = r[i] * b1 + std::sqrt(static_cast<T>(row_sum / n_cols) + e) * c1;
       }
       if (block.partial < 0) finish_columns(t, sums);
@@ -299,7 +342,7 @@ void fact_impl(TensorList params, TensorList grads, TensorList rows,
   // Vectors and scalars: a (never used) second moment and the sign step.
   if (!params_1d.empty()) {
     for_each_span(params_1d, [&](size_t t, int64_t begin, int64_t end) {
-      fact_vector_span<T>(params_1d[t].data_ptr<T>() + begin, grads_1d[t].data_ptr<T>() + begin,
+      fact_vector_span(params_1d[t].data_ptr<T>() + begin, grads_1d[t].data_ptr<T>() + begin,
                           exp_avg_sqs[t].data_ptr<T>() + begin, end - begin, b1, c2, decay, step);
     });
   }

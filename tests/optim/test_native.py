@@ -1,0 +1,29 @@
+"""The native kernels' build helper (the kernels themselves are tested with every path in
+test_optimizers.py)."""
+
+import os
+import time
+
+import pytest
+
+from emolightning.optim import _native
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / _native.LIBRARY / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    _native._clear_stale_lock()
+    assert lock.exists()  # another process may be building right now
+
+    old = time.time() - _native.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        _native._clear_stale_lock()
+    assert not lock.exists()
+
+
+def test_the_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(_native, "enabled", False)
+    assert _native.native_kernels() is None
