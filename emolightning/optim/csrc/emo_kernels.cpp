@@ -21,8 +21,8 @@ namespace {
 using at::Tensor;
 using at::TensorList;  // c10::ArrayRef<Tensor>: what a Tensor[] argument arrives as
 
-// The element loops are built twice on x86-64 with GCC: for AVX2 with FMA (x86-64-v3) and for
-// the baseline; the loader picks one for the running CPU. No -march=native, which would tie a
+// The element loops are built twice on x86-64 with GCC: for AVX2 (x86-64-v3) and for the
+// baseline; the dynamic loader picks one for the running CPU. No -march=native, which would tie a
 // cached build to the machine that made it.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define EMO_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -62,7 +62,6 @@ void check_floating(TensorList params) {
               "the native kernels take float32 or float64 tensors, got ", dtype);
 }
 
-// torch.sign without branches (random signs would mispredict half of them): NaN stays NaN.
 // Writes through data pointers bypass autograd's record of in-place changes; bump it as an
 // in-place torch op would, so a graph that saved these tensors refuses to use stale values.
 void bump_versions(std::initializer_list<TensorList> lists) {
@@ -71,6 +70,7 @@ void bump_versions(std::initializer_list<TensorList> lists) {
   }
 }
 
+// torch.sign without branches (random signs would mispredict half of them): NaN stays NaN.
 template <typename T>
 EMO_INLINE T sign_of(T x) {
   const T s = static_cast<T>(x > T(0)) - static_cast<T>(x < T(0));
@@ -98,8 +98,8 @@ void for_each_span(TensorList tensors, const F& f) {
 // The element loops take restrict pointers and their constants by value, so the compiler knows
 // that no store changes them and vectorizes the loop.
 template <typename T, bool decays>
-EMO_INLINE void navi_body(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v, int64_t n,
-               T b1, T b2, T c1, T c2, T e, T decay, T step) {
+EMO_INLINE void navi_body(T* __restrict p, const T* __restrict g, T* __restrict m,
+                          T* __restrict v, int64_t n, T b1, T b2, T c1, T c2, T e, T decay, T step) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i];
     const T mi = m[i] * b1 + gi * c1;
@@ -156,8 +156,8 @@ void navi_step(TensorList params, TensorList grads, TensorList exp_avgs,
 
 // ------------------------------------------------------------------------------------ EmoLynx
 template <typename T>
-EMO_INLINE void lynx_body(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n, T b1, T b2,
-               T c1, T c2, T keep, T step) {
+EMO_INLINE void lynx_body(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n,
+                          T b1, T b2, T c1, T c2, T keep, T step) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i], mi = m[i];
     p[i] = p[i] * keep - sign_of(gi * c1 + mi * b1) * step;
@@ -181,7 +181,7 @@ void lynx_impl(TensorList params, TensorList grads, TensorList exp_avgs,
   const T keep = 1 - lr * weight_decay, step = lr * drive;
   for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
     lynx_span(params[t].data_ptr<T>() + begin, grads[t].data_ptr<T>() + begin,
-                 exp_avgs[t].data_ptr<T>() + begin, end - begin, b1, b2, c1, c2, keep, step);
+              exp_avgs[t].data_ptr<T>() + begin, end - begin, b1, b2, c1, c2, keep, step);
   });
 }
 
@@ -203,8 +203,8 @@ void lynx_step(TensorList params, TensorList grads, TensorList exp_avgs,
 // One row of a matrix: the sign step, the row's sum of squares (returned) and its squares added
 // to the column sums.
 template <typename T>
-EMO_INLINE double fact_row_body(T* __restrict p, const T* __restrict g, double* __restrict col_sums, int64_t n,
-                T decay, T step) {
+EMO_INLINE double fact_row_body(T* __restrict p, const T* __restrict g,
+                                double* __restrict col_sums, int64_t n, T decay, T step) {
   // kLanes running sums (added up at the end in a fixed order): one sum would chain every
   // addition to the previous one and keep the loop from being vectorized.
   constexpr int64_t kLanes = 8;
@@ -234,8 +234,8 @@ EMO_INLINE double fact_row_body(T* __restrict p, const T* __restrict g, double* 
 }
 
 template <typename T>
-EMO_INLINE void fact_vector_body(T* __restrict p, const T* __restrict g, T* __restrict v, int64_t n, T b1,
-                      T c2, T decay, T step) {
+EMO_INLINE void fact_vector_body(T* __restrict p, const T* __restrict g, T* __restrict v,
+                                 int64_t n, T b1, T c2, T decay, T step) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i];
     v[i] = v[i] * b1 + gi * gi * c2;
