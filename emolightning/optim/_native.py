@@ -17,6 +17,7 @@ compiled update is used. ``EMOLIGHTNING_NATIVE_KERNELS=0`` turns them off.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -44,6 +45,7 @@ def native_kernels() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load
 
+        _ensure_ninja_on_path()
         _clear_stale_lock()
         # No -march=native: the build folder may be shared by machines of different CPUs (the
         # source picks AVX2 or baseline loops at load time). -fno-math-errno lets the compiler
@@ -81,3 +83,15 @@ def _clear_stale_lock() -> None:
             warnings.warn(f"emolightning: removed a stale build lock, {lock}", RuntimeWarning, stacklevel=3)
     except (ImportError, OSError):
         pass  # no lock (the usual case), or torch moved its helper: nothing to clear
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ``ninja`` package installs it beside the Python
+    scripts, which is not on PATH when a virtual environment is used without activating it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # torch's own error then says that ninja is needed
+    os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + ninja.BIN_DIR

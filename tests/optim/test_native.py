@@ -2,6 +2,7 @@
 test_optimizers.py)."""
 
 import os
+import shutil
 import time
 
 import pytest
@@ -27,3 +28,11 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
 def test_the_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(_native, "enabled", False)
     assert _native.native_kernels() is None
+
+
+def test_the_ninja_package_is_found_without_an_activated_environment(tmp_path, monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ninja here
+    assert shutil.which("ninja") is None
+    _native._ensure_ninja_on_path()
+    assert os.path.dirname(shutil.which("ninja")) == ninja.BIN_DIR
