@@ -15,11 +15,11 @@ WORLD_SIZE = 2
 STEPS = 25
 
 
-def _train(cls, sync_loss, rank):
+def _train(cls, sync_loss, rank, fused=False):
     torch.manual_seed(0)  # identical initial weights on both ranks
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = cls(ddp.parameters(), lr=3e-2, use_shadow=True, sync_loss=sync_loss)
+    optimizer = cls(ddp.parameters(), lr=3e-2, use_shadow=True, sync_loss=sync_loss, fused=fused)
     generator = torch.Generator().manual_seed(100 + rank)  # different data on each rank
     drives = set()
     for _ in range(STEPS):
@@ -30,6 +30,8 @@ def _train(cls, sync_loss, rank):
         loss.backward()
         optimizer.step(lambda: loss)
         drives.add(optimizer.snapshot().drive)
+    if fused and cls is not EmoClan:  # Clan's v3.0 Fact rule is compiled, its others native
+        assert not optimizer._compiled, "the native kernels did not run"
     return torch.cat([p.detach().flatten() for p in model.parameters()]), optimizer.snapshot(), drives
 
 
@@ -37,11 +39,12 @@ def _worker(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
                             timeout=timedelta(seconds=120))
     try:
-        for cls in (EmoNavi, EmoFact, EmoLynx, EmoClan):
-            flat, snap, drives = _train(cls, sync_loss=True, rank=rank)
+        # fused: the native CPU kernels (built here by both ranks at once if not yet cached)
+        for cls, fused in [(cls, fused) for cls in (EmoNavi, EmoFact, EmoLynx, EmoClan) for fused in (False, True)]:
+            flat, snap, drives = _train(cls, sync_loss=True, rank=rank, fused=fused)
             gathered = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
             dist.all_gather(gathered, flat)
-            assert torch.equal(gathered[0], gathered[1]), f"{cls.__name__}: ranks drifted apart"
+            assert torch.equal(gathered[0], gathered[1]), f"{cls.__name__}(fused={fused}): ranks drifted apart"
             scalars = [None] * WORLD_SIZE
             dist.all_gather_object(scalars, (snap.scalar, snap.drive, snap.loss))
             assert scalars[0] == scalars[1]
