@@ -43,6 +43,8 @@ void check_list(TensorList list, const Tensor& like, const char* name) {
     TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ",
                 like.scalar_type(), ", got ", t.scalar_type());
     TORCH_CHECK(t.is_contiguous(), name, ": every tensor must be contiguous");
+    // checked here, before any change, because bump_versions refuses inference tensors
+    TORCH_CHECK(!t.is_inference(), name, ": inference tensors cannot be updated in place");
   }
 }
 
@@ -343,7 +345,7 @@ void fact_impl(TensorList params, TensorList grads, TensorList rows,
   if (!params_1d.empty()) {
     for_each_span(params_1d, [&](size_t t, int64_t begin, int64_t end) {
       fact_vector_span(params_1d[t].data_ptr<T>() + begin, grads_1d[t].data_ptr<T>() + begin,
-                          exp_avg_sqs[t].data_ptr<T>() + begin, end - begin, b1, c2, decay, step);
+                       exp_avg_sqs[t].data_ptr<T>() + begin, end - begin, b1, c2, decay, step);
     });
   }
 }
