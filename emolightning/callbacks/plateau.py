@@ -162,6 +162,11 @@ class PlateauContinuation(StepCallback):
                     self.events(trainer).publish(label.format(record["stage"]), record[key])
         if self.stop_reason:
             self.events(trainer).publish("stopped because", self.stop_reason)
+            # resumed from a checkpoint of a run that had already ended: train no further
+            trainer.should_stop = True
+            rank_zero_info(f"PlateauContinuation: this run had already finished ({self.stop_reason}), so it "
+                           "stops at once. To train on, start a new run from its weights (e.g. its exported LoRA or "
+                           "stage checkpoint's weights) instead of resuming it.")
 
     @override
     def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:

@@ -170,6 +170,10 @@ class ShadowCheckpoint(StepCallback):
                     self.shadow[name] = self.shadow[name].to(p.device)
         for path in self.written:  # files of the run this one resumes
             self.events(trainer).publish("shadow", path)
+        # keep_last prunes only this run's folder: a resumed run (a new version folder) leaves the
+        # files of the run it resumes alone
+        folder = output_dir(trainer, self.dirpath, "shadow")
+        self.saved = [path for path in self.saved if Path(path).parent == folder]
 
     @override
     def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
