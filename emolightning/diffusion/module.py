@@ -83,7 +83,8 @@ class SDLoRAModule(pl.LightningModule):
         train_text_encoder: also put LoRA on the text encoders' attention (both, for SDXL).
         text_encoder_lr: their learning rate (default: the optimizer's).
         text_encoder_2_lr: SDXL's second text encoder's learning rate (default: ``text_encoder_lr``).
-        optimizer: builds the optimizer from param groups (default: ``EmoNavi(lr=6e-5)``).
+        optimizer: builds the optimizer from param groups (default:
+            ``EmoNavi(lr=DEFAULT_LR, fused=True)``, ``DEFAULT_LR`` = 6e-5).
         lr_scheduler: optional; builds a scheduler stepped every optimizer step.
         noise_offset: offset-noise strength (0.05-0.1 is typical).
         min_timestep, max_timestep: the range timesteps are drawn from.
@@ -442,7 +443,7 @@ class SDLoRAModule(pl.LightningModule):
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(groups)
         else:
-            optimizer = EmoNavi(groups, lr=DEFAULT_LR)
+            optimizer = EmoNavi(groups, lr=DEFAULT_LR, fused=True)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
