@@ -163,7 +163,7 @@ class SDLoRAModule(pl.LightningModule):
         super().__init__()
         if not isinstance(lora_rank, int) or lora_rank < 1:
             raise ValueError(f"model.lora_rank must be a positive integer, got {lora_rank!r}")
-        unknown = set(export_formats or []) - {"kohya", "diffusers"}
+        unknown = set(export_formats or []) - set(FORMATS)
         if unknown:
             raise ValueError(f"model.export_formats: unknown format(s) {sorted(unknown)}; use 'kohya' and/or 'diffusers'")
         if cache_latents not in ("none", "memory", "disk"):
