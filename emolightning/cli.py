@@ -18,8 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from emolightning._default_logger import default_logger
 from emolightning._trainer import CLITrainer, ShareLogDir
 from emolightning.data import ImageCaptionDataModule
-from emolightning.diffusion import SDLoRAModule
-from emolightning.diffusion.module import DEFAULT_LR
+from emolightning.diffusion import DEFAULT_LR, SDLoRAModule
 
 __all__ = ["EmoLightningCLI", "check_learning_rates", "export", "main"]
 

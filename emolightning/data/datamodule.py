@@ -1,4 +1,5 @@
-"""ImageCaptionDataModule: a folder of captioned images, bucketed by aspect ratio."""
+"""ImageCaptionDataModule: a folder of captioned images, bucketed by aspect ratio, in batches
+that follow :mod:`emolightning.batch`."""
 
 from __future__ import annotations
 
@@ -15,10 +16,19 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from emolightning.batch import (
+    CACHE_KEY,
+    INPUT_IDS,
+    INPUT_IDS_2,
+    PIXEL_VALUES,
+    TIME_IDS,
+    TokenizerProvider,
+    time_ids,
+    tokenize,
+)
 from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
 from emolightning.data.captions import Item, augment_caption, scan_folder
 from emolightning.data.shapes import SHAPES, write_shapes
-from emolightning.diffusion.conditioning import tokenize
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -84,10 +94,10 @@ class ImageCaptionDataset(Dataset):
         augmented = self.random_crop or bool(self.flip_p)
         stat = item.path.stat()
         key = "" if augmented else f"{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.buckets[index]}|center"
-        out = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, caption), "cache_key": key,
-               "time_ids": torch.tensor([*original, *crop, height, width], dtype=torch.float32)}
+        out = {PIXEL_VALUES: pixels, INPUT_IDS: tokenize(self.tokenizer, caption), CACHE_KEY: key,
+               TIME_IDS: time_ids(original, crop, (height, width))}
         if self.tokenizer_2 is not None:
-            out["input_ids_2"] = tokenize(self.tokenizer_2, caption)
+            out[INPUT_IDS_2] = tokenize(self.tokenizer_2, caption)
         return out
 
 
@@ -114,8 +124,12 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     Images that cannot be read are skipped and listed once with a count. Every batch holds
     images of one bucket: a size whose area is about ``resolution**2`` and whose aspect ratio is
     closest to the image's; the image is resized to cover it and cropped (centre or random).
-    The tokenizers are the LightningModule's (``SDLoRAModule.tokenizer``, and for SDXL
-    ``tokenizer_2``); batches also carry SDXL's micro-conditioning ``time_ids``.
+    Batches are :class:`emolightning.batch.Batch` dicts, with SDXL's micro-conditioning
+    ``time_ids`` and a latent ``cache_key`` per image. The tokenizers are those given to
+    :meth:`use_tokenizers`, or else the LightningModule's when it lends them
+    (:class:`emolightning.batch.TokenizerProvider`, as SDLoRAModule does). The data module
+    describes its captions and dataset to the model as a
+    :class:`emolightning.batch.CaptionedData`.
 
     Args:
         root: the image folder, or ``"builtin:shapes"``: 24 generated pictures of coloured shapes
@@ -176,6 +190,21 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.skipped: list[tuple[Path, str]] = []
         self.tokenizer: Any = None
         self.tokenizer_2: Any = None
+        self._readable_items: list[Item] = []
+
+    def use_tokenizers(self, tokenizer: Any, tokenizer_2: Any = None) -> None:
+        """Tokenise captions with these (call before ``setup``); otherwise the LightningModule's
+        are used.
+
+        Args:
+            tokenizer: a ``transformers`` tokenizer (``CLIPTokenizer``).
+            tokenizer_2: SDXL's second tokenizer; batches then carry ``input_ids_2``.
+
+        Example:
+            >>> data = ImageCaptionDataModule("./my_set")
+            >>> data.use_tokenizers(CLIPTokenizer.from_pretrained("/models/sd15", subfolder="tokenizer"))
+        """
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
 
     def _readable(self, items: list[Item]) -> tuple[list[Item], list[tuple[int, int]]]:
         kept, sizes = [], []
@@ -237,12 +266,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             if index not in held_out:
                 expanded += [item] * item.repeats
                 buckets += [bucket] * item.repeats
-        module = self.trainer.lightning_module if self.trainer else None
-        self.tokenizer = self.tokenizer or getattr(module, "tokenizer", None)
-        self.tokenizer_2 = self.tokenizer_2 or getattr(module, "tokenizer_2", None)
-        if self.tokenizer is None:
-            raise ValueError("ImageCaptionDataModule needs a tokenizer: use it with SDLoRAModule, or set "
-                             "datamodule.tokenizer")
+        self._take_module_tokenizers()
         self.dataset = ImageCaptionDataset(
             expanded, buckets, self.tokenizer, seed=hp.shuffle_seed, random_crop=hp.random_crop, flip_p=hp.flip_p,
             caption_dropout=hp.caption_dropout, shuffle_tags=hp.shuffle_tags, keep_tags=hp.keep_tags,
@@ -250,8 +274,26 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         kept = sorted(held_out)
         self.val_dataset = ImageCaptionDataset([items[i] for i in kept], [assigned[i] for i in kept], self.tokenizer,
                                                seed=hp.shuffle_seed, tokenizer_2=self.tokenizer_2) if kept else None
-        if module is not None and hasattr(module, "extra_lora_metadata"):
-            module.extra_lora_metadata.update(self.lora_metadata(items, sizes))
+        self._readable_items = items
+
+    def _take_module_tokenizers(self) -> None:
+        """Fill the tokenizers not given to :meth:`use_tokenizers` from the LightningModule, when
+        it lends them."""
+        module = self.trainer.lightning_module if self.trainer else None
+        if isinstance(module, TokenizerProvider):
+            tokenizer, tokenizer_2 = module.tokenizers()
+            self.tokenizer = self.tokenizer or tokenizer
+            self.tokenizer_2 = self.tokenizer_2 or tokenizer_2
+        if self.tokenizer is None:
+            raise ValueError("ImageCaptionDataModule needs a tokenizer: call data.use_tokenizers(tokenizer, "
+                             "tokenizer_2) before setup, or train it with a LightningModule that lends its "
+                             "tokenizers (emolightning.batch.TokenizerProvider, as SDLoRAModule does)")
+
+    @property
+    def caption_augmentations(self) -> list[str]:
+        """The settings that change captions between epochs (``data.caption_dropout``,
+        ``data.shuffle_tags``) that are on; empty when captions are used as written."""
+        return [f"data.{name}" for name in ("caption_dropout", "shuffle_tags") if self.hparams[name]]
 
     def captions(self) -> list[str]:
         """Every distinct caption of the training and validation images, as they are tokenised
@@ -259,8 +301,12 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         datasets = [d for d in (self.dataset, self.val_dataset) if d is not None]
         return sorted({item.caption for dataset in datasets for item in dataset.items})
 
-    def lora_metadata(self, items: list[Item], sizes: list[tuple[int, int]]) -> dict[str, Any]:
-        """kohya's dataset metadata: image count, resolution and tag frequency."""
+    def lora_metadata(self) -> dict[str, Any]:
+        """kohya's dataset metadata of the images found by ``setup`` (held-out ones included):
+        image count, resolution and tag frequency; empty before ``setup``."""
+        items = self._readable_items
+        if not items:
+            return {}
         tags: Counter = Counter()
         for item in items:
             tags.update(tag.strip() for tag in item.caption.split(self.hparams.tag_separator) if tag.strip())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -59,3 +59,32 @@ class LatentCache:
             temporary = path.with_name(f".{path.name}.partial")
             torch.save(latents, temporary)
             os.replace(temporary, path)
+
+    @torch.no_grad()
+    def latents(self, pixel_values: Tensor, keys: list[str], encode: Callable[[Tensor], Any],
+                scaling_factor: float) -> Tensor:
+        """The scaled latents of a batch of images, on the images' device: cached ones are
+        reused, the others are encoded together and stored (an empty key: an augmented image,
+        encoded but not stored).
+
+        Each image's draw from the VAE's distribution is seeded by its key, so a cache rebuilt
+        after a resume holds the same latents as the one it replaces.
+
+        Args:
+            pixel_values: (B, 3, H, W) images in [-1, 1].
+            keys: one cache key per image (the batch's ``cache_key``).
+            encode: images to the VAE's latent distribution (with ``mean`` and ``std``).
+            scaling_factor: the VAE's ``scaling_factor``.
+        """
+        found = [self.get(key) if key else None for key in keys]
+        missing = [i for i, latents in enumerate(found) if latents is None]
+        if missing:
+            dist = encode(pixel_values[missing])
+            draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
+                int(hashlib.sha1(keys[i].encode()).hexdigest()[:15], 16))) for i in missing])
+            encoded = (dist.mean + dist.std * draws.to(dist.mean)) * scaling_factor
+            for position, index in enumerate(missing):
+                found[index] = encoded[position]
+                if keys[index]:
+                    self.put(keys[index], encoded[position])
+        return torch.stack([latents.to(pixel_values.device) for latents in found])

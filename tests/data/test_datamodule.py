@@ -89,6 +89,42 @@ def test_empty_folder_and_too_small_images_are_named(tmp_path, tiny_folder):
         _fit(tmp_path, tiny_folder, ImageCaptionDataModule(small, resolution=64, min_bucket=32, upscale=False))
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    from emolightning.diffusion.tiny import write_tiny_tokenizer
+
+    return CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
+
+
+def test_tokenizers_given_explicitly_need_no_trainer_and_their_absence_is_named(tmp_path, tokenizer):
+    root = _set(tmp_path / "set")
+    data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32)
+    with pytest.raises(ValueError, match=r"call data.use_tokenizers\(tokenizer, tokenizer_2\) before setup"):
+        data.setup("fit")
+    data.use_tokenizers(tokenizer, tokenizer)
+    data.setup("fit")
+    item = data.dataset[0]
+    assert item["input_ids"].shape == (77,) and torch.equal(item["input_ids"], item["input_ids_2"])
+    assert item["time_ids"].dtype == torch.float32 and item["time_ids"].shape == (6,)
+
+
+def test_the_data_module_describes_its_captions_and_dataset(tmp_path, tokenizer):
+    root = _set(tmp_path / "set")
+    data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32,
+                                  val_split=0.34, shuffle_tags=True)
+    assert data.lora_metadata() == {} and data.caption_augmentations == ["data.shuffle_tags"]
+    data.use_tokenizers(tokenizer)
+    data.setup("fit")
+    assert data.captions() == ["shape, colour 0", "shape, colour 1", "shape, colour 2"]  # held-out one included
+    metadata = data.lora_metadata()
+    assert metadata["ss_num_train_images"] == "3" and metadata["ss_resolution"] == "(64, 64)"
+    assert metadata["ss_tag_frequency"] == {"set": {"shape": 3, "colour 0": 1, "colour 1": 1, "colour 2": 1}}
+    assert ImageCaptionDataModule(root, caption_dropout=0.1).caption_augmentations == ["data.caption_dropout"]
+    assert ImageCaptionDataModule(root).caption_augmentations == []
+
+
 def test_augmentations_change_with_the_epoch(tmp_path, tiny_folder):
     root = _set(tmp_path / "set")
     data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emolightning.callbacks import EmoLossFeed
 from emolightning.diffusion import SDLoRAModule
-from emolightning.diffusion.conditioning import tokenize
+from emolightning.batch import tokenize
 from emolightning.diffusion.tiny import build_tiny_sd
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,25 @@ class Captioned(Dataset):
 
     def __getitem__(self, i):
         return {"pixel_values": self.images[i], "input_ids": self.ids[i]}
+
+
+class DescribedData(pl.LightningDataModule):
+    """A data module of one's own that describes its captions and dataset to the model
+    (emolightning.batch.CaptionedData)."""
+
+    def __init__(self, tokenizer, augmentations=()):
+        super().__init__()
+        self.dataset = Captioned(tokenizer)
+        self.caption_augmentations = list(augmentations)
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=2)
+
+    def captions(self):
+        return [f"a photo of thing {i}" for i in range(8)]
+
+    def lora_metadata(self):
+        return {"ss_num_train_images": "8", "ss_dataset_dirs": {"things": {"n_repeats": 1, "img_count": 8}}}
 
 
 def _trainer(tmp_path, max_steps=-1, **kwargs):
@@ -118,6 +137,24 @@ def test_shadow_weights_can_be_exported_instead_of_the_live_ones(tmp_path, tiny_
     saved = load_file(module.export_lora(tmp_path / "zero.safetensors", zeros))
     weights = {k: v for k, v in saved.items() if not k.endswith(".alpha")}
     assert weights and all(t.abs().sum() == 0 for t in weights.values())
+
+
+def test_the_module_reads_what_its_data_module_describes(tmp_path, tiny_folder):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_text_embeddings=True)
+    module.extra_lora_metadata.update(ss_num_train_images="mine", my_key={"a": 1})  # the user's keys win
+    _trainer(tmp_path / "a", 2).fit(module, datamodule=DescribedData(module.tokenizer))
+    assert (module.text_cache.misses, len(module.text_cache)) == (8, 8)  # every caption encoded up front
+    assert module.text_cache.hits == 2 * 2  # then two steps of two rows found theirs
+    with safe_open(module.export_lora(tmp_path / "l.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"things": {"n_repeats": 1, "img_count": 8}}
+    assert metadata["ss_num_train_images"] == "mine" and json.loads(metadata["my_key"]) == {"a": 1}
+    assert metadata["ss_steps"] == "2" and metadata["ss_optimizer"] == "emolightning.optim.emonavi.EmoNavi"
+
+    augmenting = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_text_embeddings=True)
+    with pytest.warns(UserWarning, match=r"cache_text_embeddings is off.*\(my\.option\)"):
+        _trainer(tmp_path / "b", 1).fit(augmenting, datamodule=DescribedData(augmenting.tokenizer, ["my.option"]))
+    assert augmenting.text_cache is None
 
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
