@@ -45,7 +45,9 @@ by hand. Guides: [optimizers](optimizers.md), [callbacks](callbacks.md),
 
 The command line: `emolightning fit|validate --config RECIPE [--model.X=…] [--data.X=…]
 [--trainer.X=…]` (LightningCLI over `SDLoRAModule` and `ImageCaptionDataModule`; `--help` and
-`--print_config` list every option) and `emolightning export CHECKPOINT --out FILE`.
+`--print_config` list every option) and `emolightning export CHECKPOINT --out FILE [--overwrite]`.
+The kit's errors about bad input end the command with one line, `error: <message>` (exit
+status 1; `EMOLIGHTNING_DEBUG=1` shows the traceback).
 """
 
 
