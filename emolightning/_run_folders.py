@@ -109,11 +109,14 @@ def remove_unused_log_dir(folder: Optional[Path], care: Optional[RunFolderCare],
     """
     if folder is None or not folder.is_dir() or care is None or care.trained(trainer):
         return False
-    for path in folder.rglob("*"):
-        if path.is_dir() and not path.is_symlink():
-            continue
-        if path.name not in _START_FILES and not path.name.startswith(_START_PREFIXES):
-            return False
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        for path in folder.rglob("*"):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            if path.name not in _START_FILES and not path.name.startswith(_START_PREFIXES):
+                return False
+    except OSError:  # a folder that cannot be read is left as it is
+        return False
+    shutil.rmtree(folder, ignore_errors=True)  # never raises: the run's own error is the one to report
     rank_zero_info(f"The run failed before it wrote anything; removed the folder it made for its logs, {folder}")
     return not folder.exists()
