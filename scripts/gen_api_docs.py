@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "api.md"
 PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.run",
             "emolightning.diffusion", "emolightning.data", "emolightning.batch", "emolightning.cli"]
-EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl"],
+EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl", "randomize_lora"],
          "emolightning.diffusion.single_file": ["detect_family", "load_single_file"],
          "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"]}
 SECTIONS = ("Args", "Arguments", "Attributes", "Returns", "Raises", "Example", "Examples", "Note", "Notes")

@@ -1,14 +1,12 @@
 """Writing the LoRA of a set of networks as one ``.safetensors`` file: the kohya format (read by
-kohya sd-scripts, AUTOMATIC1111, ComfyUI and diffusers) and the diffusers format (what
-``save_lora_weights`` writes). The networks go in by name, as the LightningModule holds them:
-``"unet"``, ``"text_encoder"`` and SDXL's ``"text_encoder_2"``; the naming rules of the kohya
-format are in :mod:`emolightning.diffusion.export`."""
+kohya sd-scripts, AUTOMATIC1111, ComfyUI and diffusers) and the diffusers format (read by
+diffusers 0.32 and later and by ComfyUI, not by kohya sd-scripts or A1111). The networks go in
+by name, as the LightningModule holds them: ``"unet"``, ``"text_encoder"`` and SDXL's
+``"text_encoder_2"``; the naming rules of both formats are in :mod:`emolightning.diffusion.export`."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -17,10 +15,14 @@ import torch
 from torch import Tensor
 
 from emolightning._files import save_tensors_atomically
-from emolightning.diffusion.export import kohya_state_dict, kohya_text_encoder_layers, sgm_unet_layers
+from emolightning.diffusion.export import (diffusers_state_dict, kohya_state_dict, kohya_text_encoder_layers,
+                                          sgm_unet_layers)
 from emolightning.diffusion.models import lora_state_dict
 
 FORMATS = ("kohya", "diffusers")
+READERS = {"kohya": "ComfyUI, A1111, kohya sd-scripts, diffusers",
+           "diffusers": "diffusers >= 0.32, ComfyUI"}
+"""The programs that load each format with its trained scale (docs/sd-lora.md has the versions)."""
 _KOHYA_TEXT_PREFIXES = {"sd": {"text_encoder": "lora_te"},
                         "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
 
@@ -76,34 +78,56 @@ def write_kohya_lora(path: Union[str, Path], networks: Mapping[str, torch.nn.Mod
 
 def write_diffusers_lora(path: Union[str, Path], networks: Mapping[str, torch.nn.Module], *, family: str,
                          weights: Optional[Mapping[str, Tensor]] = None, dtype: Optional[torch.dtype] = None) -> Path:
-    """Write the networks' LoRA as diffusers' ``save_lora_weights`` does, with each adapter's
-    peft config so the alpha survives; written in a temporary folder and renamed into place.
+    """Write the networks' LoRA in the diffusers-format layout, to a temporary name first.
+
+    The layout is the one diffusers (0.32 and later, with transformers 4 or 5) and ComfyUI both
+    map (:mod:`emolightning.diffusion.export` lists its rules): the UNet's attention layers under
+    diffusers' attention-processor names, its other layers as ``….lora.down.weight``, the text
+    encoders in peft's names under ``text_model.``. Neither ComfyUI nor diffusers before 0.34
+    reads an alpha from such a file, so each up matrix holds the trained scale (``alpha / rank``,
+    multiplied in) and the header's ``lora_adapter_metadata`` (read by diffusers 0.34 and later)
+    says ``lora_alpha = r``: every loader applies scale 1 to the scaled matrices, which is the
+    trained LoRA.
 
     Args:
         path: the file to write.
         networks: ``"unet"`` and the text encoders whose LoRA goes in the file.
-        family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        family: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (the layout is the same for all three).
         weights, dtype: as in :func:`lora_layers`.
-    """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # peft key names (lora_A/lora_B), which diffusers and ComfyUI read; diffusers' own
-    # convert_state_dict_to_diffusers would give attention layers old "lora.down" names but
-    # leave feed-forward layers as they are, and a mixed file does not load back
-    arguments: dict[str, Any] = {}
+    Example:
+        >>> write_diffusers_lora("out.safetensors", {"unet": module.unet}, family="sd1")
+    """
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', got {family!r}")
+    layers = {name: lora_layers(network, f"{name}.", weights) for name, network in networks.items()}
+    scales = {name: lora_scales(network) for name, network in networks.items()}
+    tensors = diffusers_state_dict(layers, scales, dtype)
+    adapter_metadata: dict[str, Any] = {}
     for name, network in networks.items():
-        arguments[f"{name}_lora_layers"] = lora_layers(network, f"{name}.", weights, dtype)
-        arguments[f"{name}_lora_adapter_metadata"] = network.peft_config["default"].to_dict()
-    pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
-    try:
-        pipeline.save_lora_weights(staging, weight_name=path.name, safe_serialization=True, **arguments)
-        os.replace(staging / path.name, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+        adapter_metadata.update({f"{name}.{key}": value for key, value in _unit_scale_config(network).items()})
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_metadata, sort_keys=True)}
+    return save_tensors_atomically(tensors, path, metadata)
+
+
+def lora_scales(network: torch.nn.Module) -> dict[str, float]:
+    """The scale peft applies to each LoRA layer of ``network`` (``alpha / rank``; with rsLoRA
+    ``alpha / sqrt(rank)``), by module path."""
+    from peft.tuners.lora import LoraLayer
+
+    return {path: float(module.scaling["default"]) for path, module in network.named_modules()
+            if isinstance(module, LoraLayer) and "default" in module.scaling}
+
+
+def _unit_scale_config(network: torch.nn.Module) -> dict[str, Any]:
+    """The few peft ``LoraConfig`` fields diffusers 0.34+ needs to rebuild the adapter of a file
+    whose up matrices hold the scale: alpha equal to the rank everywhere. Only fields that every
+    peft version diffusers supports knows, since diffusers passes them all to ``LoraConfig``."""
+    config = network.peft_config["default"]
+    targets = config.target_modules
+    return {"r": config.r, "lora_alpha": config.r, "rank_pattern": dict(config.rank_pattern),
+            "alpha_pattern": dict(config.rank_pattern),
+            "target_modules": targets if isinstance(targets, str) else sorted(targets)}
 
 
 def training_metadata(settings: Mapping[str, Any], trainer: Any = None) -> dict[str, str]:

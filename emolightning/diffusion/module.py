@@ -31,7 +31,8 @@ from emolightning.batch import (
 from emolightning.diffusion.conditioning import TextEmbeddingCache, sdxl_text_embeddings
 from emolightning.diffusion.export import kohya_metadata
 from emolightning.diffusion.latent_cache import LatentCache, vae_fingerprint
-from emolightning.diffusion.lora_files import FORMATS, training_metadata, write_diffusers_lora, write_kohya_lora
+from emolightning.diffusion.lora_files import (FORMATS, READERS, training_metadata, write_diffusers_lora,
+                                               write_kohya_lora)
 from emolightning.diffusion.metrics import DenoisingLoss
 from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components
 from emolightning.diffusion.noise import (
@@ -115,7 +116,8 @@ class SDLoRAModule(pl.LightningModule):
             provides; images with random crops or flips are encoded every time).
         latent_cache_dir: the folder for ``"disk"`` (default ``<default_root_dir>/latent_cache``).
         export_formats: LoRA files written at the end of fit to ``<log dir>/lora/`` (``"kohya"``,
-            ``"diffusers"``); ``export_half`` writes them in float16.
+            ``"diffusers"``; see :meth:`export_lora` for which program reads which);
+            ``export_half`` writes them in float16.
 
     Attributes:
         extra_lora_metadata: your own metadata for the kohya LoRA files, written after (and over)
@@ -290,7 +292,7 @@ class SDLoRAModule(pl.LightningModule):
         for file_format in self.hparams.export_formats:
             path = folder / f"lora-step{self.trainer.global_step}.{file_format}.safetensors"
             self.exported.append(self.export_lora(path, format=file_format, dtype=dtype))
-            run_events(self.trainer).publish("LoRA", self.exported[-1])
+            run_events(self.trainer).publish(f"LoRA ({file_format}: {READERS[file_format]})", self.exported[-1])
 
     # ---------------------------------------------------------------------------- step
     def encode_text(self, input_ids: Tensor, input_ids_2: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -482,9 +484,11 @@ class SDLoRAModule(pl.LightningModule):
                 live ones.
             format: ``"kohya"`` (``lora_unet_…``/``lora_te_…`` keys, for SDXL ``lora_te1_…``/
                 ``lora_te2_…`` and SGM UNet names as kohya's own SDXL files; float alpha; ``ss_*``
-                and ``modelspec.*`` metadata: loads in kohya sd-scripts, AUTOMATIC1111, ComfyUI
-                and diffusers) or ``"diffusers"`` (what ``save_lora_weights`` writes, with the
-                peft config so the alpha survives).
+                and ``modelspec.*`` metadata: loads in ComfyUI, AUTOMATIC1111, kohya sd-scripts and
+                diffusers) or ``"diffusers"`` (``unet.…``/``text_encoder.…`` keys in the layout
+                both diffusers and ComfyUI map, the scale ``alpha / rank`` multiplied into the up
+                matrices: loads in diffusers 0.32 and later and in ComfyUI, not in AUTOMATIC1111
+                or kohya sd-scripts).
             dtype: e.g. ``torch.float16`` for a half-size file.
         """
         if format not in FORMATS:

@@ -122,11 +122,17 @@ def test_exported_lora_reproduces_the_trained_model_in_diffusers(tmp_path, tiny_
     torch.testing.assert_close(torch.from_numpy(image(loaded)), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(torch.from_numpy(plain), torch.from_numpy(expected), atol=1e-4)  # LoRA mattered
     loaded.fuse_lora()
-    for name, p in loaded.unet.named_parameters():
-        if name == "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight":
-            layer = module.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
-            merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2 / 4)
-            torch.testing.assert_close(p, merged, rtol=1e-5, atol=1e-6)
+    pairs = [(loaded.unet, module.unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+             (loaded.unet, module.unet, "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0")]
+    if train_text_encoder:  # transformers 5's CLIPTextModel has no text_model level; 4.x's has
+        prefix = "text_model." if hasattr(module.text_encoder, "text_model") else ""
+        pairs += [(loaded.text_encoder, module.text_encoder, f"{prefix}encoder.layers.1.self_attn.out_proj")]
+    if preset == "attention_ff":
+        pairs += [(loaded.unet, module.unet, "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj")]
+    for fused, trained, path in pairs:
+        layer = trained.get_submodule(path)
+        merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2 / 4)
+        torch.testing.assert_close(fused.get_submodule(path).weight, merged, rtol=1e-5, atol=1e-6)
 
 
 def test_shadow_weights_can_be_exported_instead_of_the_live_ones(tmp_path, tiny_folder):

@@ -197,6 +197,8 @@ def test_exported_lora_reproduces_the_trained_model_in_the_sdxl_pipeline(tmp_pat
     pairs = [(loaded.unet, module.unet, "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"),
              (loaded.unet, module.unet, "up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2"),
              (loaded.text_encoder_2, module.text_encoder_2, "text_model.encoder.layers.2.self_attn.v_proj")]
+    prefix = "text_model." if hasattr(module.text_encoder, "text_model") else ""  # transformers 4 / 5
+    pairs += [(loaded.text_encoder, module.text_encoder, f"{prefix}encoder.layers.0.self_attn.q_proj")]
     for fused, trained, path in pairs:
         layer = trained.get_submodule(path)
         merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2 / 4)
