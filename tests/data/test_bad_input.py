@@ -15,15 +15,6 @@ def _image(path, size=(32, 32)):
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import CLIPTokenizer
-
-    from emolightning.diffusion.tiny import write_tiny_tokenizer
-
-    return CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
-
-
 def test_a_caption_that_is_not_utf8_is_named_with_the_fix(tmp_path):
     _image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes("café, crème".encode("cp1252"))

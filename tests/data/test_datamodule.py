@@ -89,15 +89,6 @@ def test_empty_folder_and_too_small_images_are_named(tmp_path, tiny_folder):
         _fit(tmp_path, tiny_folder, ImageCaptionDataModule(small, resolution=64, min_bucket=32, upscale=False))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import CLIPTokenizer
-
-    from emolightning.diffusion.tiny import write_tiny_tokenizer
-
-    return CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
-
-
 def test_tokenizers_given_explicitly_need_no_trainer_and_their_absence_is_named(tmp_path, tokenizer):
     root = _set(tmp_path / "set")
     data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32)

@@ -83,6 +83,24 @@ def test_resume_at_starts_part_way_and_a_new_epoch_drops_it():
         sampler.resume_at(0, 6)
 
 
+def test_worker_processes_draw_each_epochs_augmentations(tmp_path, tokenizer):
+    data = ImageCaptionDataModule(_folder(tmp_path / "set", count=3), batch_size=1, flip_p=0.5, shuffle_tags=True,
+                                  keep_tags=1, num_workers=1, **BUCKETS)
+    data.use_tokenizers(tokenizer)
+    data.setup("fit")
+    loader = data.train_dataloader()  # a persistent worker: it never sees the main process's objects change
+    served = {}
+    for epoch in (0, 1, 2):
+        loader.batch_sampler.sampler.set_epoch(epoch)  # what Lightning does
+        served[epoch] = [(batch, index) for batch, (index,) in zip(loader, loader.batch_sampler.epoch_batches())]
+        for batch, index in served[epoch]:
+            expected = data.dataset[(epoch, index)]
+            assert torch.equal(batch["pixel_values"][0], expected["pixel_values"])
+            assert torch.equal(batch["input_ids"][0], expected["input_ids"])
+    draws = [{index: batch["pixel_values"] for batch, index in served[epoch]} for epoch in (0, 1, 2)]
+    assert any(not torch.equal(draws[0][i], draws[e][i]) for e in (1, 2) for i in draws[0])
+
+
 # ------------------------------------------------------------------------- with a Trainer
 class BatchRecord(pl.Callback):
     """What each training batch held, by epoch: the caption tokens and pixels of each image."""
