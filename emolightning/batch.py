@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CACHE_KEY", "INPUT_IDS", "INPUT_IDS_2", "LATENTS", "PIXEL_VALUES", "TIME_IDS", "Batch", "CaptionedData",
-           "TokenizerProvider", "default_time_ids", "time_ids", "tokenize"]
+           "TokenizerProvider", "default_time_ids", "time_ids", "token_counts", "tokenize"]
 
 PIXEL_VALUES = "pixel_values"
 """Images, (B, 3, H, W) in [-1, 1]."""
@@ -84,6 +84,19 @@ def tokenize(tokenizer: Any, text: Union[str, list[str]]) -> Tensor:
     ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return ids[0] if isinstance(text, str) else ids
+
+
+def token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
+    """How many tokens each text has, start and end tokens included, before :func:`tokenize`
+    cuts it at ``tokenizer.model_max_length`` (77 for CLIP: 75 tokens of text).
+
+    Example:
+        >>> token_counts(module.tokenizer, ["a red circle"])
+        [5]
+    """
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False).input_ids]
 
 
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]) -> Tensor:

@@ -8,9 +8,10 @@ import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -24,11 +25,39 @@ from emolightning.batch import (
     TIME_IDS,
     TokenizerProvider,
     time_ids,
+    token_counts,
     tokenize,
 )
 from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
-from emolightning.data.captions import Item, augment_caption, scan_folder
+from emolightning.data.captions import IMAGE_EXTENSIONS, Item, augment_caption, scan_folder
+from emolightning.data.resumable import ResumableDataLoader
 from emolightning.data.shapes import SHAPES, write_shapes
+
+
+LATENT_FACTOR = 8
+"""How many pixels make one latent pixel in the VAEs of SD 1.x, 2.x and SDXL: image sides must be
+multiples of it."""
+
+
+def _check_latent_multiple(option: str, value: int) -> None:
+    if value % LATENT_FACTOR:
+        lower = value // LATENT_FACTOR * LATENT_FACTOR
+        nearest = " or ".join(str(v) for v in (lower, lower + LATENT_FACTOR) if v > 0)
+        raise ValueError(f"data.{option}={value} is not a multiple of {LATENT_FACTOR} (the VAE turns {LATENT_FACTOR}x"
+                         f"{LATENT_FACTOR} pixels into one latent pixel); use {nearest}")
+
+
+def _warn_long_captions(tokenizer: Any, items: list[Item]) -> None:
+    """One warning for all the captions that :func:`tokenize` will cut at the tokenizer's limit."""
+    limit = tokenizer.model_max_length
+    captions = sorted({item.caption for item in items})
+    counts = dict(zip(captions, token_counts(tokenizer, captions)))
+    long = [item for item in items if counts[item.caption] > limit]
+    if long:
+        longest = max(long, key=lambda item: counts[item.caption])
+        rank_zero_warn(f"{len(long)} of {len(items)} caption(s) are longer than the tokenizer's limit of {limit} tokens "
+                       f"and are cut there: the words past it are not trained on (the longest has "
+                       f"{counts[longest.caption]} tokens: {longest.path}). Shorten them or put what matters first.")
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -67,7 +96,13 @@ class ImageCaptionDataset(Dataset):
     in [-1, 1], "input_ids": (77,), "time_ids": (6,), "cache_key": str}``, plus ``input_ids_2``
     when there is a second tokenizer (SDXL). ``time_ids`` are SDXL's micro-conditioning: the
     image's original height and width, the crop's top and left, and the bucket's height and
-    width."""
+    width.
+
+    An item's key is its index, or ``(epoch, index)``: the random crop, the mirroring and the
+    caption augmentation are drawn from ``seed``, the epoch (0 for a plain index) and the index,
+    so each epoch draws afresh and the same key always gives the same item. The training
+    sampler hands out ``(epoch, index)`` keys, which reach worker processes too.
+    """
 
     def __init__(self, items: list[Item], buckets: list[tuple[int, int]], tokenizer: Any, *, seed: int = 0,
                  random_crop: bool = False, flip_p: float = 0.0, caption_dropout: float = 0.0,
@@ -78,14 +113,14 @@ class ImageCaptionDataset(Dataset):
         self.random_crop, self.flip_p = random_crop, flip_p
         self.caption_options = dict(dropout=caption_dropout, shuffle_tags=shuffle_tags, keep_tags=keep_tags,
                                     separator=tag_separator)
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         item = self.items[index]
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # the same draw for the same epoch and index
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")  # the same draw for the same epoch and index
         image = _open_rgb(item.path)
         original = (image.height, image.width)
         width, height = self.buckets[index]
@@ -102,15 +137,12 @@ class ImageCaptionDataset(Dataset):
 
 
 class _EpochBatches(BucketBatchSampler):
-    """Tells the dataset the epoch too, so its augmentations change every epoch."""
+    """Hands out ``(epoch, index)`` keys, so the dataset's augmentations change every epoch
+    (also in worker processes, which never see the main process's objects change)."""
 
-    def __init__(self, dataset: ImageCaptionDataset, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.dataset.epoch = epoch
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            yield [(self.iteration_epoch, index) for index in batch]
 
 
 class ImageCaptionDataModule(pl.LightningDataModule):
@@ -121,9 +153,19 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     epoch, or is described by a ``metadata.jsonl``. See :func:`emolightning.data.captions.scan_folder`
     for the rules, including what a missing caption becomes.
 
-    Images that cannot be read are skipped and listed once with a count. Every batch holds
-    images of one bucket: a size whose area is about ``resolution**2`` and whose aspect ratio is
-    closest to the image's; the image is resized to cover it and cropped (centre or random).
+    Images that cannot be read are skipped and listed once with a count; caption files that
+    are not UTF-8 and ``metadata.jsonl`` entries outside ``root`` are refused, naming the files
+    (:func:`emolightning.data.captions.scan_folder`); captions longer than the tokenizer's
+    limit get one warning with their count. :meth:`check_folder` runs the folder checks alone,
+    before any model is loaded. Every batch holds images of one bucket: a size whose area is
+    about ``resolution**2`` and whose aspect ratio is closest to the image's; the image is
+    resized to cover it and cropped (centre or random).
+
+    Each epoch has its own batch order and augmentation draws, from ``shuffle_seed`` and the
+    epoch (:class:`~emolightning.data.buckets.BucketBatchSampler`; under DDP each process
+    takes its own share). The training loader is a
+    :class:`~emolightning.data.resumable.ResumableDataLoader`: its epoch and position go into
+    Lightning checkpoints, so a run resumed mid-epoch continues with the next batch.
     Batches are :class:`emolightning.batch.Batch` dicts, with SDXL's micro-conditioning
     ``time_ids`` and a latent ``cache_key`` per image. The tokenizers are those given to
     :meth:`use_tokenizers`, or else the LightningModule's when it lends them
@@ -136,7 +178,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             (for the quickstart and tests).
         caption_extension: extension of the caption files.
         missing_caption: ``"folder"``, ``"filename"``, ``"empty"`` or ``"error"``.
-        resolution: the side of the square training size; buckets keep its area.
+        resolution: the side of the square training size; buckets keep its area. A multiple
+            of 8 (the VAE's downsampling factor), as are the three below.
         bucketing: aspect-ratio buckets; ``False`` crops everything to a square.
         min_bucket, max_bucket, bucket_step: bucket side limits and granularity.
         upscale: allow buckets larger than the image; ``False`` errors on images smaller than
@@ -182,6 +225,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             raise ValueError(f"data.val_split must be in [0, 1), got {val_split}")
         if not 0.0 <= flip_p <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.flip_p and data.caption_dropout must be in [0, 1], got {flip_p}, {caption_dropout}")
+        for name, value in (("resolution", resolution), ("min_bucket", min_bucket), ("max_bucket", max_bucket),
+                            ("bucket_step", bucket_step)):
+            _check_latent_multiple(name, value)
         self.save_hyperparameters()
         self.hparams.root = str(root)  # checkpoints must load with weights_only=True: no Path objects
         self.root = Path(root).expanduser() if str(root) != SHAPES else None
@@ -227,11 +273,34 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     def _shapes_dir(self) -> Path:
         return Path(tempfile.gettempdir()) / f"emolightning-shapes-{self.hparams.resolution}"
 
-    def setup(self, stage: str) -> None:
+    def check_folder(self) -> int:
+        """Check ``data.root`` now, cheaply: the folder exists, its captions (or
+        ``metadata.jsonl``) can be read, and it holds at least one image file. Images are not
+        decoded and no tokenizer is needed, so this can run before a base model is loaded; it
+        raises the errors :meth:`setup` would raise for the folder.
+
+        Returns:
+            The number of image files found (each counted once, whatever its repeats).
+
+        Example:
+            >>> ImageCaptionDataModule("./my_set").check_folder()
+            42
+        """
+        return len(self._scan()[0])
+
+    def _scan(self) -> tuple[list[Item], list[Path]]:
         hp = self.hparams
         if hp.root == SHAPES:
             self.root = write_shapes(self._shapes_dir(), size=hp.resolution)
         items, missing = scan_folder(self.root, hp.caption_extension, hp.missing_caption)
+        if not items:
+            raise ValueError(f"data.root: no images in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                             "outside folders named 0_*)")
+        return items, missing
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        items, missing = self._scan()
         if missing:
             warnings.warn(f"{len(missing)} image(s) in {self.root} have no {hp.caption_extension} caption; used the "
                           f"data.missing_caption={hp.missing_caption!r} rule (first: {missing[0]})", stacklevel=2)
@@ -242,7 +311,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             warnings.warn(f"skipped {len(self.skipped)} unreadable image(s): {listed}"
                           + (" ..." if len(self.skipped) > 5 else ""), stacklevel=2)
         if not items:
-            raise ValueError(f"data.root: no readable images in {self.root} (looked for png, jpg, jpeg, webp, bmp)")
+            raise ValueError(f"data.root: no readable images in {self.root}: all {len(self.skipped)} image file(s) "
+                             "failed to open (listed in the warning above)")
         candidates = (make_buckets(hp.resolution, min_size=hp.min_bucket, max_size=hp.max_bucket, step=hp.bucket_step)
                       if hp.bucketing else [(hp.resolution, hp.resolution)])
         assigned = []
@@ -267,6 +337,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
                 expanded += [item] * item.repeats
                 buckets += [bucket] * item.repeats
         self._take_module_tokenizers()
+        _warn_long_captions(self.tokenizer, items)
         self.dataset = ImageCaptionDataset(
             expanded, buckets, self.tokenizer, seed=hp.shuffle_seed, random_crop=hp.random_crop, flip_p=hp.flip_p,
             caption_dropout=hp.caption_dropout, shuffle_tags=hp.shuffle_tags, keep_tags=hp.keep_tags,
@@ -321,11 +392,12 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         if world > 1 and getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False):
             raise ValueError("ImageCaptionDataModule shards its bucketed batches across processes itself: create the "
                              "Trainer with use_distributed_sampler=False")
-        sampler = _EpochBatches(dataset, dataset.buckets, self.hparams.batch_size, shuffle=shuffle,
+        sampler = _EpochBatches(dataset.buckets, self.hparams.batch_size, shuffle=shuffle,
                                 seed=self.hparams.shuffle_seed, rank=rank, world_size=world)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.hparams.num_workers,
-                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.hparams.num_workers > 0)
+        loader = ResumableDataLoader if shuffle else DataLoader  # only the training loader's place is saved
+        return loader(dataset, batch_sampler=sampler, num_workers=self.hparams.num_workers,
+                      pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                      persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"

@@ -64,8 +64,8 @@ class LatentCache:
     def latents(self, pixel_values: Tensor, keys: list[str], encode: Callable[[Tensor], Any],
                 scaling_factor: float) -> Tensor:
         """The scaled latents of a batch of images, on the images' device: cached ones are
-        reused, the others are encoded together and stored (an empty key: an augmented image,
-        encoded but not stored).
+        reused, the others are encoded one by one and stored (an empty key: an augmented image,
+        encoded with the other augmented images of the batch but not stored).
 
         Each image's draw from the VAE's distribution is seeded by its key, so a cache rebuilt
         after a resume holds the same latents as the one it replaces.
@@ -77,14 +77,20 @@ class LatentCache:
             scaling_factor: the VAE's ``scaling_factor``.
         """
         found = [self.get(key) if key else None for key in keys]
-        missing = [i for i, latents in enumerate(found) if latents is None]
-        if missing:
-            dist = encode(pixel_values[missing])
-            draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
-                int(hashlib.sha1(keys[i].encode()).hexdigest()[:15], 16))) for i in missing])
-            encoded = (dist.mean + dist.std * draws.to(dist.mean)) * scaling_factor
-            for position, index in enumerate(missing):
-                found[index] = encoded[position]
-                if keys[index]:
-                    self.put(keys[index], encoded[position])
+        augmented = [i for i, key in enumerate(keys) if not key]
+        if augmented:  # never stored: encoded together, as without a cache
+            for index, latents in zip(augmented, self._draw(encode(pixel_values[augmented]), keys, augmented)):
+                found[index] = latents * scaling_factor
+        for index in [i for i, latents in enumerate(found) if latents is None]:
+            # one image at a time: the VAE's result for an image depends in the last bits on the
+            # other images of its batch, and a cache refilled after a resume meets the images
+            # in other batches than the cache it replaces
+            found[index] = self._draw(encode(pixel_values[index:index + 1]), keys, [index])[0] * scaling_factor
+            self.put(keys[index], found[index])
         return torch.stack([latents.to(pixel_values.device) for latents in found])
+
+    @staticmethod
+    def _draw(dist: Any, keys: list[str], indices: list[int]) -> Tensor:
+        draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
+            int(hashlib.sha1(keys[i].encode()).hexdigest()[:15], 16))) for i in indices])
+        return dist.mean + dist.std * draws.to(dist.mean)

@@ -213,7 +213,7 @@ class SDLoRAModule(pl.LightningModule):
         self.val_loss = DenoisingLoss()
         self.exported: list[Path] = []
         self.latent_cache: Optional[LatentCache] = None  # built at fit start when cache_latents is set
-        self._restored_generator: Optional[Tensor] = None
+        self._restored_generators: Optional[list[Tensor]] = None
         self._sampled_at = -1
         self._output_dir: Optional[Path] = None
         self.scheduler_config = parts.scheduler_config
@@ -460,18 +460,26 @@ class SDLoRAModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["emolightning_generator"] = self.generator.get_state()
+        # every process draws its own noise (seeded with seed + rank): keep every stream, not only
+        # rank 0's (Lightning builds the checkpoint on every process and writes rank 0's)
+        state = self.generator.get_state()
+        states = self.all_gather(state.to(self.device)).cpu() if self.trainer.world_size > 1 else state[None]
+        checkpoint["emolightning_generators"] = [rank_state.clone() for rank_state in states.unbind()]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("emolightning_generator")
-        if state is not None:
-            self._restored_generator = state
+        states = checkpoint.get("emolightning_generators")
+        if states is None and checkpoint.get("emolightning_generator") is not None:  # saved by an older version
+            states = [checkpoint["emolightning_generator"]]
+        self._restored_generators = states
 
     def on_train_start(self) -> None:
-        state = self._restored_generator
-        if state is not None:  # setup() re-seeded; a resumed run continues the saved stream
-            self.generator.set_state(state)
-            self._restored_generator = None
+        states = self._restored_generators
+        if states is not None:  # setup() re-seeded; a resumed run continues the saved streams
+            if len(states) == self.trainer.world_size:
+                self.generator.set_state(states[self.global_rank].clone())  # a view would crash set_state
+            else:  # another process count: fresh streams, apart per process and from the first run's
+                self.generator.manual_seed(self.hparams.seed + self.global_rank + 1_000_003 * self.global_step)
+            self._restored_generators = None
 
     # --------------------------------------------------------------------------- export
     def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None,
