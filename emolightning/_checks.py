@@ -10,7 +10,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-from emolightning.data.captions import IMAGE_EXTENSIONS
 from emolightning.data.shapes import SHAPES
 
 # Lightning resolves these ckpt_path values itself, from the run's own checkpoints
@@ -20,18 +19,18 @@ _RESUME_HINT = ("pass a .ckpt file that a run of this kit wrote (e.g. lightning_
 
 
 def check_data_root(config: Any) -> None:
-    """Refuse a ``data.root`` that is not a folder or holds no images, before any class is built.
-
-    Looks for one image (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``, also in subfolders)
-    or a ``metadata.jsonl``; the data module reads and checks every file later. Without this an
-    empty folder is reported only after the base model has loaded.
+    """Refuse a ``data`` section that cannot train, before any class is built: the data module's
+    own cheap check (:meth:`~emolightning.data.ImageCaptionDataModule.check_folder`): its
+    settings (sizes that are multiples of 8, ...), that ``data.root`` is a folder with images,
+    and that its captions and ``metadata.jsonl`` can be read. Images are not decoded. Without
+    this an empty folder is reported only after the base model has loaded.
 
     Args:
         config: the parsed config of one subcommand (a jsonargparse ``Namespace``).
 
     Raises:
         FileNotFoundError: ``data.root`` is not a folder.
-        ValueError: the folder holds no image.
+        ValueError: a bad setting, no images, or captions that cannot be read.
 
     Example:
         >>> from jsonargparse import Namespace
@@ -46,13 +45,10 @@ def check_data_root(config: Any) -> None:
         what = "a file, not a folder" if folder.is_file() else "not a folder"
         raise FileNotFoundError(f"data.root (--data.root): {folder} is {what}; point it at the folder of your training "
                                 f"images (or use --data.root={SHAPES} for a trial run)")
-    if (folder / "metadata.jsonl").is_file():
-        return
-    if next((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()), None) is None:
-        kinds = ", ".join(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
-        raise ValueError(f"data.root (--data.root): no images in {folder} or its subfolders (looked for {kinds}); "
-                         "point it at the folder of your training images, with a caption .txt beside each image or "
-                         "a metadata.jsonl")
+    from emolightning.data import ImageCaptionDataModule
+
+    settings = data.as_dict() if hasattr(data, "as_dict") else dict(data)
+    ImageCaptionDataModule(**settings).check_folder()
 
 
 def _cause(error: BaseException) -> str:

@@ -118,9 +118,9 @@ def test_an_empty_data_folder_is_one_line_before_the_model_loads(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: data.root (--data.root): no images in {images} or its subfolders (looked for png, jpg, jpeg, webp, "
-        "bmp); point it at the folder of your training images, with a caption .txt beside each image or a "
-        "metadata.jsonl")
+        f"error: data.root (--data.root): no images in {images} or its subfolders (looked for .png, .jpg, .jpeg, "
+        ".webp, .bmp, outside folders named 0_*); point it at the folder of your training images, with a caption .txt "
+        "beside each image or a metadata.jsonl")
     assert not run.exists()
 
 
@@ -272,3 +272,18 @@ def test_export_does_not_overwrite_without_being_asked(fitted, tmp_path, capsys)
         assert handle.metadata()["ss_network_dim"] == "4"
     line = _one_line_error(capsys, ["export", str(checkpoint), "--out", str(checkpoint), "--overwrite"], status=2)
     assert line == f"error: --out {checkpoint} is the checkpoint itself; give another file name"
+
+
+def test_unreadable_captions_and_bad_sizes_are_named_before_the_model_loads(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "a.png")
+    (images / "a.txt").write_bytes("une légende".encode("latin-1"))
+    base = ["fit", *TINY_RUN, "--model.pretrained=/nonexistent/sd15"]
+    line = _one_line_error(capsys, [*base, f"--data.root={images}"])
+    assert "a.txt" in line and "UTF-8" in line
+    (images / "a.txt").write_text("a caption", encoding="utf-8")
+    line = _one_line_error(capsys, [*base, f"--data.root={images}", "--data.resolution=60"])
+    assert "data.resolution=60" in line and "56" in line and "64" in line

@@ -294,8 +294,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             self.root = write_shapes(self._shapes_dir(), size=hp.resolution)
         items, missing = scan_folder(self.root, hp.caption_extension, hp.missing_caption)
         if not items:
-            raise ValueError(f"data.root: no images in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
-                             "outside folders named 0_*)")
+            raise ValueError(f"data.root (--data.root): no images in {self.root} or its subfolders (looked for "
+                             f"{', '.join(IMAGE_EXTENSIONS)}, outside folders named 0_*); point it at the folder of "
+                             "your training images, with a caption .txt beside each image or a metadata.jsonl")
         return items, missing
 
     def setup(self, stage: str) -> None:

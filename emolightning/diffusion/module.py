@@ -353,7 +353,7 @@ class SDLoRAModule(pl.LightningModule):
             return batch[LATENTS]
         if self.latent_cache is not None and batch.get(CACHE_KEY):
             return self.latent_cache.latents(batch[PIXEL_VALUES], batch[CACHE_KEY], self._vae_encode,
-                                             self.vae.config.scaling_factor)
+                                             self.vae.config.scaling_factor, generator=self.generator)
         return self.encode_images(batch[PIXEL_VALUES])
 
     def diffusion_step(self, batch: Batch, timesteps: Optional[Tensor] = None,
@@ -455,6 +455,22 @@ class SDLoRAModule(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ---------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # torch 2.13 cannot hand a torch.Generator to a spawned process (ddp_spawn) through its
+        # default file-descriptor sharing ("unable to resize file"): it travels as bytes
+        state = super().__getstate__()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator_state = state.get("generator")
+        if isinstance(generator_state, bytes):
+            generator = torch.Generator()
+            generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+            state = {**state, "generator": generator}
+        super().__setstate__(state)
 
     # ---------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -81,7 +81,7 @@ def test_captions_longer_than_the_tokenizer_limit_get_one_warning(tmp_path, toke
 
 def test_check_folder_reports_folder_problems_without_a_tokenizer_or_decoding(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"data.root: no images in .*empty"):
+    with pytest.raises(ValueError, match=r"data.root \(--data.root\): no images in .*empty"):
         ImageCaptionDataModule(tmp_path / "empty").check_folder()
     with pytest.raises(FileNotFoundError, match=r"data.root: .*missing is not a folder"):
         ImageCaptionDataModule(tmp_path / "missing").check_folder()

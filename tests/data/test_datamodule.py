@@ -80,7 +80,7 @@ def test_unreadable_images_are_skipped_and_named(tmp_path, tiny_folder):
 
 def test_empty_folder_and_too_small_images_are_named(tmp_path, tiny_folder):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"data.root: no images in .*empty \(looked for .png"):
+    with pytest.raises(ValueError, match=r"data.root \(--data.root\): no images in .*empty or its subfolders \(looked for .png"):
         _fit(tmp_path, tiny_folder, ImageCaptionDataModule(tmp_path / "empty", resolution=64, min_bucket=32))
     small = tmp_path / "small"
     small.mkdir()
@@ -217,3 +217,19 @@ def test_builtin_shapes_set_is_generated_once_and_deterministically(tmp_path):
     assert all((first / "2_emoshape" / f).read_bytes() == (second / "2_emoshape" / f).read_bytes() for f in files)
     assert (first / "2_emoshape" / "000.txt").read_text().startswith("emoshape, a ")
     assert write_shapes(tmp_path / "a") == first  # already there: kept as it is
+
+
+def test_augmented_images_train_alike_with_and_without_the_latent_cache(tmp_path, tiny_folder):
+    # an augmented (flipped) image is never cached: its latents are drawn from the training noise
+    # stream as without a cache, not from a seed every augmented image would share
+    root = _set(tmp_path / "set")
+    weights = {}
+    for mode in ("none", "memory"):
+        data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32, flip_p=1.0)
+        module = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_latents=mode)
+        pl.Trainer(default_root_dir=tmp_path / mode, max_epochs=2, accelerator="cpu", logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[EmoLossFeed()]).fit(module, datamodule=data)
+        weights[mode] = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    for name, value in weights["none"].items():
+        assert torch.equal(weights["memory"][name], value), name

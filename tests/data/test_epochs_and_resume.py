@@ -209,19 +209,9 @@ def _ddp_run(tmp_path, name, *, ckpt_path=None, checkpoints=None):
     return weights[0]
 
 
-@pytest.fixture
-def generators_pass_to_spawned_processes():
-    """torch 2.13 cannot hand a ``torch.Generator`` (SDLoRAModule holds one) to a spawned
-    process through file descriptors ("unable to resize file"); shared files work."""
-    strategy = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(strategy)
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_split_each_epoch_and_resume_exactly(tmp_path, generators_pass_to_spawned_processes):
+def test_two_processes_split_each_epoch_and_resume_exactly(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     checkpoints = tmp_path / "ckpt"
     _folder(tmp_path / "set", count=4)

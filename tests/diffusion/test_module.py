@@ -213,3 +213,16 @@ def test_bad_inputs_are_named(tmp_path):
         SDLoRAModule(lora_rank=0)
     with pytest.raises(ValueError, match="model.target_preset"):
         SDLoRAModule(target_preset="everything")
+
+
+def test_the_module_pickles_with_its_noise_stream():
+    # ddp_spawn hands the module to each process by pickling it (torch 2.13 cannot share a
+    # torch.Generator that way: the module sends its state as bytes)
+    import pickle
+
+    module = SDLoRAModule("builtin:tiny", lora_rank=2, seed=3)
+    module.generator.manual_seed(11)
+    torch.randn(5, generator=module.generator)
+    copy = pickle.loads(pickle.dumps(module))
+    assert isinstance(copy.generator, torch.Generator)
+    assert torch.equal(torch.randn(4, generator=copy.generator), torch.randn(4, generator=module.generator))
