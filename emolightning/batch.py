@@ -7,7 +7,9 @@ family needs only this file to know what the other side sends or expects.
 
 A batch is a dict (see :class:`Batch`): ``input_ids`` always, and either ``pixel_values`` or
 ``latents``; SDXL adds ``input_ids_2`` and ``time_ids``; ``cache_key`` lets the model reuse
-an image's latents. The data side builds it with :func:`tokenize` and :func:`time_ids`.
+an image's latents; ``loss_mask`` weighs the loss per pixel; ``caption_dropped`` marks the
+captions dropped by caption dropout. The data side builds it with :func:`tokenize` and
+:func:`time_ids`.
 
 Example:
     >>> from emolightning.batch import INPUT_IDS, PIXEL_VALUES, tokenize
@@ -21,8 +23,9 @@ from typing import Any, Optional, Protocol, TypedDict, Union, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["CACHE_KEY", "INPUT_IDS", "INPUT_IDS_2", "LATENTS", "PIXEL_VALUES", "TIME_IDS", "Batch", "CaptionedData",
-           "TokenizerProvider", "default_time_ids", "time_ids", "token_counts", "tokenize"]
+__all__ = ["CACHE_KEY", "CAPTION_DROPPED", "INPUT_IDS", "INPUT_IDS_2", "LATENTS", "LOSS_MASK", "PIXEL_VALUES",
+           "TIME_IDS", "Batch", "CaptionedData", "TokenizerProvider", "default_time_ids", "time_ids", "token_counts",
+           "tokenize"]
 
 PIXEL_VALUES = "pixel_values"
 """Images, (B, 3, H, W) in [-1, 1]."""
@@ -35,7 +38,15 @@ INPUT_IDS_2 = "input_ids_2"
 TIME_IDS = "time_ids"
 """SDXL micro-conditioning, (B, 6): see :func:`time_ids`."""
 CACHE_KEY = "cache_key"
-"""One string per image naming the file, its size and crop (``""``: augmented, not cacheable)."""
+"""One string per image naming the file, its size and crop, and its mask's file (``""``: augmented,
+not cacheable)."""
+LOSS_MASK = "loss_mask"
+"""Per-pixel loss weights, (B, 1, H, W) float in [0, 1], at the size of ``pixel_values`` (or of
+``latents``); the model area-averages them to the latent size. Images without a mask hold ones."""
+CAPTION_DROPPED = "caption_dropped"
+"""(B,) bool: the caption was dropped (caption dropout), and ``input_ids`` (and ``input_ids_2``)
+hold the empty prompt: the model conditions the row on the unconditional embedding its sampling
+pipeline uses."""
 
 
 class _RequiredBatch(TypedDict):
@@ -46,8 +57,9 @@ class Batch(_RequiredBatch, total=False):
     """What a training or validation batch holds (the keys are the constants of this module).
 
     ``input_ids`` is required, and one of ``pixel_values`` or ``latents``; the others are
-    optional: without ``time_ids`` an SDXL model assumes whole images at their own size, and
-    without ``cache_key`` latents are not cached.
+    optional: without ``time_ids`` an SDXL model assumes whole images at their own size,
+    without ``cache_key`` latents are not cached, without ``loss_mask`` every pixel counts
+    fully, and without ``caption_dropped`` no caption counts as dropped.
 
     Attributes:
         input_ids: (B, 77) token ids of the captions (:func:`tokenize`).
@@ -55,8 +67,12 @@ class Batch(_RequiredBatch, total=False):
         latents: (B, C, h, w) VAE latents, already scaled, instead of ``pixel_values``.
         input_ids_2: SDXL: (B, 77) token ids through the second tokenizer.
         time_ids: SDXL: (B, 6) micro-conditioning (:func:`time_ids`).
-        cache_key: B strings naming each image's file, size and crop for the latent cache
-            (``""``: augmented, not cached).
+        cache_key: B strings naming each image's file, size and crop (and its mask's file) for
+            the latent cache (``""``: augmented, not cached).
+        loss_mask: (B, 1, H, W) loss weights in [0, 1] at the images' size (ones: the whole
+            image counts).
+        caption_dropped: (B,) bool, the rows whose caption caption dropout dropped: they train
+            the unconditional case.
 
     Example:
         >>> batch: Batch = {INPUT_IDS: tokenize(tokenizer, ["a red circle"]), PIXEL_VALUES: images}
@@ -67,6 +83,8 @@ class Batch(_RequiredBatch, total=False):
     input_ids_2: Tensor
     time_ids: Tensor
     cache_key: list[str]
+    loss_mask: Tensor
+    caption_dropped: Tensor
 
 
 def tokenize(tokenizer: Any, text: Union[str, list[str]]) -> Tensor:
@@ -140,8 +158,9 @@ class TokenizerProvider(Protocol):
 class CaptionedData(Protocol):
     """A data module whose captions and dataset description the model may read
     (ImageCaptionDataModule is one). SDLoRAModule asks ``trainer.datamodule`` for it: the text
-    cache encodes :meth:`captions` up front unless :attr:`caption_augmentations` is non-empty,
-    and the kohya LoRA files carry :meth:`lora_metadata`.
+    cache encodes :meth:`captions` (and the empty prompt, for dropped captions) up front unless
+    :attr:`caption_augmentations` is non-empty, and the kohya LoRA files carry
+    :meth:`lora_metadata`.
 
     Example:
         >>> class MyData(pl.LightningDataModule):
@@ -156,8 +175,9 @@ class CaptionedData(Protocol):
 
     @property
     def caption_augmentations(self) -> list[str]:
-        """The settings that make a caption differ between epochs (e.g. ``"data.shuffle_tags"``);
-        empty when every image is always seen with the same caption."""
+        """The settings that give captions forms :meth:`captions` does not list (e.g.
+        ``"data.shuffle_tags"``); empty when every caption is one of them. Caption dropout is
+        not one: a dropped caption is the empty prompt, marked ``caption_dropped``."""
         ...
 
     def captions(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""Finding image/caption pairs in a folder, and caption augmentation."""
+"""Finding image/caption pairs (and their loss masks) in a folder, and caption augmentation."""
 
 from __future__ import annotations
 
@@ -9,18 +9,62 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MASK_FOLDER = "masks"
+"""The folder directly in ``data.root`` whose files are loss masks, mirroring the image folder."""
+MASK_SUFFIX = ".mask"
+"""A file named ``<image stem>.mask.<image extension>`` beside an image is its loss mask."""
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One training image: where it is, its caption, and how often an epoch shows it."""
+    """One training image: where it is, its caption, how often an epoch shows it, and the file
+    its loss mask is read from: a mask file (grey levels), the image itself (its alpha channel),
+    or ``None`` (every pixel counts fully)."""
 
     path: Path
     caption: str
     repeats: int = 1
+    mask: Optional[Path] = None
+
+
+def _is_mask_file(root: Path, path: Path) -> bool:
+    relative = path.relative_to(root)
+    return (len(relative.parts) > 1 and relative.parts[0] == MASK_FOLDER) or path.stem.lower().endswith(MASK_SUFFIX)
+
+
+def _mask_index(root: Path, files: Optional[list[Path]] = None) -> dict[tuple[Path, str], list[Path]]:
+    """The mask files under ``root``, by the (folder, stem) of the image each belongs to."""
+    if files is None:
+        files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    index: dict[tuple[Path, str], list[Path]] = {}
+    for path in files:
+        relative = path.relative_to(root)
+        if len(relative.parts) > 1 and relative.parts[0] == MASK_FOLDER:
+            owner = (root.joinpath(*relative.parts[1:-1]), path.stem)
+        elif path.stem.lower().endswith(MASK_SUFFIX):
+            owner = (path.parent, path.stem[: -len(MASK_SUFFIX)])
+        else:
+            continue
+        index.setdefault((Path(os.path.abspath(owner[0])), owner[1]), []).append(path)
+    return index
+
+
+def _with_masks(items: list[Item], index: dict[tuple[Path, str], list[Path]]) -> list[Item]:
+    """``items`` with their mask files; an image with more than one is refused, all named."""
+    found, ambiguous = [], []
+    for item in items:
+        masks = sorted(index.get((Path(os.path.abspath(item.path.parent)), item.path.stem), []))
+        if len(masks) > 1:
+            ambiguous.append(f"{item.path}: {', '.join(str(m) for m in masks)}")
+        found.append(Item(item.path, item.caption, item.repeats, masks[0]) if masks else item)
+    if ambiguous:
+        raise ValueError(f"{len(ambiguous)} image(s) have more than one mask file; keep one for each: "
+                         + "; ".join(ambiguous[:3]) + (" ..." if len(ambiguous) > 3 else ""))
+    return found
 
 
 def read_text(path: Path) -> str:
@@ -61,6 +105,14 @@ def scan_folder(root: Path, caption_extension: str = ".txt", missing_caption: st
 
     Caption files are read as UTF-8 (see :func:`read_text`); files in another encoding are
     refused, all of them named in one error.
+
+    Loss masks: the mask of ``<root>/<folder>/<name>.<ext>`` is the file
+    ``<root>/<folder>/<name>.mask.<ext2>`` beside it, or ``<root>/masks/<folder>/<name>.<ext2>``
+    (a ``masks`` folder directly in ``root`` that mirrors the image folders), where ``ext2`` is
+    any image extension; an image with both (or two extensions) is refused. Mask files are
+    never training images: neither ``*.mask.<ext>`` files nor anything under ``root/masks/``.
+    The item's :attr:`Item.mask` names the file; an image's alpha channel is looked at later,
+    when images are opened.
     """
     if missing_caption not in ("folder", "filename", "empty", "error"):
         raise ValueError(f"data.missing_caption must be 'folder', 'filename', 'empty' or 'error', got {missing_caption!r}")
@@ -68,9 +120,12 @@ def scan_folder(root: Path, caption_extension: str = ".txt", missing_caption: st
         raise FileNotFoundError(f"data.root: {root} is not a folder; point it at your training images")
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
-        return _scan_metadata(root, metadata), []
+        return _with_masks(_scan_metadata(root, metadata), _mask_index(root)), []
     items, missing, undecodable = [], [], []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    for path in files:
+        if _is_mask_file(root, path):
+            continue
         relative = path.relative_to(root)
         match = _REPEAT_FOLDER.match(relative.parts[0]) if len(relative.parts) > 1 else None
         repeats = int(match.group(1)) if match else 1
@@ -94,7 +149,7 @@ def scan_folder(root: Path, caption_extension: str = ".txt", missing_caption: st
         more = f" ({len(undecodable) - 3} more not shown)" if len(undecodable) > 3 else ""
         raise ValueError(f"{len(undecodable)} caption file(s) in {root} are not UTF-8 text: "
                          + "; ".join(str(error) for error in undecodable[:3]) + more)
-    return items, missing
+    return _with_masks(items, _mask_index(root, files)), missing
 
 
 def _scan_metadata(root: Path, metadata: Path) -> list[Item]:
@@ -119,11 +174,16 @@ def _scan_metadata(root: Path, metadata: Path) -> list[Item]:
     return items
 
 
+def caption_dropped(rng: random.Random, dropout: float) -> bool:
+    """Whether caption dropout drops this caption (probability ``dropout``; no draw when 0)."""
+    return bool(dropout) and rng.random() < dropout
+
+
 def augment_caption(caption: str, rng: random.Random, *, dropout: float = 0.0, shuffle_tags: bool = False,
                     keep_tags: int = 0, separator: str = ",") -> str:
     """Caption dropout (the whole caption becomes empty with probability ``dropout``) and tag
     shuffling that keeps the first ``keep_tags`` tags (e.g. a trigger word) in place."""
-    if dropout and rng.random() < dropout:
+    if caption_dropped(rng, dropout):
         return ""
     if not shuffle_tags:
         return caption

@@ -19,14 +19,17 @@ from torch import Tensor
 
 from emolightning.batch import (
     CACHE_KEY,
+    CAPTION_DROPPED,
     INPUT_IDS,
     INPUT_IDS_2,
     LATENTS,
+    LOSS_MASK,
     PIXEL_VALUES,
     TIME_IDS,
     Batch,
     CaptionedData,
     default_time_ids,
+    tokenize,
 )
 from emolightning.diffusion.conditioning import TextEmbeddingCache, sdxl_text_embeddings
 from emolightning.diffusion.export import kohya_metadata
@@ -37,6 +40,7 @@ from emolightning.diffusion.metrics import DenoisingLoss
 from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components
 from emolightning.diffusion.noise import (
     diffusion_loss,
+    latent_mask,
     min_snr_weights,
     per_image_error,
     sample_noise,
@@ -51,6 +55,8 @@ from emolightning.run import run_events
 
 DEFAULT_LR = 6e-5
 """The default optimizer's learning rate: the EmoNavi author's recommendation for LoRA."""
+DROPPED_CAPTION_EMBEDDINGS = ("empty_prompt", "zeros")
+"""What a dropped caption conditions the UNet on (``dropped_caption_embedding``)."""
 
 
 class SDLoRAModule(pl.LightningModule):
@@ -61,7 +67,11 @@ class SDLoRAModule(pl.LightningModule):
     ``input_ids_2`` (the captions through ``tokenizer_2``) and ``time_ids`` (B, 6): original
     height and width, crop top and left, target height and width (default: the whole image at
     its own size); ImageCaptionDataModule provides all three (the keys and their shapes:
-    :class:`emolightning.batch.Batch`).
+    :class:`emolightning.batch.Batch`). A batch's ``loss_mask`` weighs the loss per pixel
+    (area-averaged to the latent size; each image's loss is its mask-weighted mean, see
+    :func:`emolightning.diffusion.noise.per_image_error`), and its ``caption_dropped`` rows
+    train the unconditional case: they are conditioned on the embedding the model's pipeline
+    samples with when there is no negative prompt (``dropped_caption_embedding``).
 
     With a data module, the two talk through the protocols of :mod:`emolightning.batch`: the
     module lends its tokenizers (:meth:`tokenizers`) to a data module that has none, and reads
@@ -96,7 +106,8 @@ class SDLoRAModule(pl.LightningModule):
             when they are trained).
         cache_text_embeddings: encode each distinct caption once and reuse the text encoders'
             output (frozen text encoders only; turned off with a warning when the data module
-            augments captions, as every variant would be a new entry). With a data module that
+            shuffles tags, as every variant would be a new entry; caption dropout keeps it on,
+            with one entry for the empty prompt). With a data module that
             lists its captions (ImageCaptionDataModule), all of them are encoded before the
             first step and the text encoders then wait on the CPU, freeing their GPU memory
             (they come back for sample images).
@@ -107,6 +118,16 @@ class SDLoRAModule(pl.LightningModule):
         validation_timesteps: each validation image is scored at this many evenly spaced
             timesteps, with noise fixed by ``seed`` and the batch, so ``val_loss`` is comparable
             across steps and runs.
+        masked_validation: score validation images with their loss masks, as training weighs
+            them (the default); ``False`` scores every pixel alike.
+        dropped_caption_embedding: what a dropped caption (``caption_dropped`` in the batch)
+            conditions the UNet on: ``"empty_prompt"``, the text encoders' output for ``""``
+            (for SDXL both encoders' hidden states and the pooled embedding), or ``"zeros"``
+            (SDXL only: zero hidden states and pooled embedding). Default: what the model's
+            pipeline uses for the unconditional half of guidance without a negative prompt:
+            zeros for an SDXL model whose ``model_index.json`` has
+            ``force_zeros_for_empty_prompt`` (true, or absent, as in SDXL base), the empty prompt
+            otherwise. Sample images follow the same choice.
         sample_prompts: prompts to draw sample images from during training (fixed seed).
         sample_every_n_steps: how often (0: never); images go to ``<log dir>/samples`` as PNG and
             to TensorBoard when that is the logger.
@@ -153,6 +174,8 @@ class SDLoRAModule(pl.LightningModule):
         vae_fp32: Optional[bool] = None,
         seed: int = 0,
         validation_timesteps: int = 4,
+        masked_validation: bool = True,
+        dropped_caption_embedding: Optional[str] = None,
         sample_prompts: Optional[list[str]] = None,
         sample_every_n_steps: int = 0,
         sample_size: int = 512,
@@ -187,6 +210,14 @@ class SDLoRAModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         parts = load_components(pretrained, model_family, base_config)
         self.family = parts.family
+        if dropped_caption_embedding is None:
+            dropped_caption_embedding = "zeros" if parts.force_zeros_for_empty_prompt else "empty_prompt"
+        if dropped_caption_embedding not in DROPPED_CAPTION_EMBEDDINGS or (
+                dropped_caption_embedding == "zeros" and self.family != "sdxl"):
+            raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or (SDXL only) 'zeros', got "
+                             f"{dropped_caption_embedding!r} for an {self.family} model (the SD 1.x/2.x pipelines "
+                             "sample the unconditional with the empty prompt)")
+        self.dropped_caption_embedding = dropped_caption_embedding
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.text_encoder_2 = parts.text_encoder_2  # SDXL only
         self.tokenizer, self.tokenizer_2 = parts.tokenizer, parts.tokenizer_2
@@ -306,18 +337,34 @@ class SDLoRAModule(pl.LightningModule):
             return sdxl_text_embeddings(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
 
     def _text_embeddings(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
+        """The batch's text embeddings; rows marked ``caption_dropped`` get the unconditional
+        embedding (the empty prompt's, whatever the batch holds there, or zeros)."""
         input_ids, input_ids_2 = batch[INPUT_IDS], batch.get(INPUT_IDS_2)
+        dropped = batch.get(CAPTION_DROPPED)
+        dropped = dropped.to(device=input_ids.device, dtype=torch.bool) if dropped is not None else None
+        if dropped is not None and not dropped.any():
+            dropped = None
+        if dropped is not None:
+            input_ids = torch.where(dropped[:, None], tokenize(self.tokenizer, "").to(input_ids), input_ids)
+            if input_ids_2 is not None:
+                input_ids_2 = torch.where(dropped[:, None], tokenize(self.tokenizer_2, "").to(input_ids_2), input_ids_2)
         if self.text_cache is None:
-            return self.encode_text(input_ids, input_ids_2)
-        # the text encoders' device: the CPU once precompute_text_embeddings has moved them out of the way
-        return self.text_cache.embeddings(input_ids, input_ids_2, self.encode_text,
-                                          encode_device=self.text_encoder.device)
+            hidden, pooled = self.encode_text(input_ids, input_ids_2)
+        else:  # the text encoders' device: the CPU once precompute_text_embeddings has moved them out of the way
+            hidden, pooled = self.text_cache.embeddings(input_ids, input_ids_2, self.encode_text,
+                                                        encode_device=self.text_encoder.device)
+        if dropped is not None and self.dropped_caption_embedding == "zeros":
+            hidden = hidden.masked_fill(dropped[:, None, None], 0.0)
+            pooled = pooled.masked_fill(dropped[:, None], 0.0) if pooled is not None else None
+        return hidden, pooled
 
     def precompute_text_embeddings(self, captions: list[str], batch_size: int = 16) -> None:
-        """Fill the text cache with ``captions`` and move the text encoders to the CPU (an
-        uncached caption later is still encoded there, slowly)."""
+        """Fill the text cache with ``captions`` and the empty prompt (what dropped captions are
+        encoded as), and move the text encoders to the CPU (an uncached caption later is still
+        encoded there, slowly)."""
         if self.text_cache is None:
             raise ValueError("precompute_text_embeddings needs model.cache_text_embeddings=true")
+        captions = list(dict.fromkeys([*captions, ""]))
         self.text_cache.precompute(captions, self.tokenizer, self.tokenizer_2, self.encode_text, device=self.device,
                                    encode_device=self.text_encoder.device, batch_size=batch_size)
         for encoder in self.text_encoders:
@@ -347,19 +394,25 @@ class SDLoRAModule(pl.LightningModule):
         dist = self._vae_encode(pixel_values)
         return dist.sample(generator=self.generator) * self.vae.config.scaling_factor
 
-    def _latents(self, batch: Batch) -> Tensor:
-        """The batch's scaled latents: given, from the latent cache, or encoded now."""
+    def _latents(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
+        """The batch's scaled latents: given, from the latent cache, or encoded now; and its loss
+        mask at the latent size (``None`` without ``loss_mask``), stored with the cached latents."""
+        masks = batch.get(LOSS_MASK)
         if LATENTS in batch:
-            return batch[LATENTS]
-        if self.latent_cache is not None and batch.get(CACHE_KEY):
+            latents = batch[LATENTS]
+        elif self.latent_cache is not None and batch.get(CACHE_KEY):
             return self.latent_cache.latents(batch[PIXEL_VALUES], batch[CACHE_KEY], self._vae_encode,
-                                             self.vae.config.scaling_factor, generator=self.generator)
-        return self.encode_images(batch[PIXEL_VALUES])
+                                             self.vae.config.scaling_factor, generator=self.generator, masks=masks)
+        else:
+            latents = self.encode_images(batch[PIXEL_VALUES])
+        return latents, None if masks is None else latent_mask(masks, latents.shape[-2:])
 
     def diffusion_step(self, batch: Batch, timesteps: Optional[Tensor] = None,
                        noise: Optional[Tensor] = None) -> Tensor:
-        """The loss of one batch; ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
-        latents = self._latents(batch).float()
+        """The loss of one batch (mask-weighted with the batch's ``loss_mask``);
+        ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
+        latents, mask = self._latents(batch)
+        latents = latents.float()
         if noise is None:
             noise = sample_noise(latents, noise_offset=self.hparams.noise_offset, generator=self.generator)
         if timesteps is None:
@@ -374,7 +427,7 @@ class SDLoRAModule(pl.LightningModule):
         if self.hparams.snr_gamma is not None:
             weights = min_snr_weights(snr(self.noise_scheduler, timesteps), self.hparams.snr_gamma,
                                       self.noise_scheduler.config.prediction_type)
-        return diffusion_loss(prediction, target, weights)
+        return diffusion_loss(prediction, target, weights, mask)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.diffusion_step(batch)
@@ -383,7 +436,8 @@ class SDLoRAModule(pl.LightningModule):
 
     # ---------------------------------------------------------------------- validation
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        """Denoising error of each held-out image at fixed timesteps and noise."""
+        """Denoising error of each held-out image at fixed timesteps and noise, mask-weighted
+        with ``masked_validation`` (the default) when the batch has a ``loss_mask``."""
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
         if LATENTS in batch:
             latents = batch[LATENTS].float()
@@ -393,6 +447,8 @@ class SDLoRAModule(pl.LightningModule):
         high = self.hparams.max_timestep or self.noise_scheduler.config.num_train_timesteps
         fixed = torch.linspace(low, high - 1, self.hparams.validation_timesteps).round().long()
         conditioning = self.unet_conditioning(batch, latents)
+        masks = batch.get(LOSS_MASK) if self.hparams.masked_validation else None
+        mask = None if masks is None else latent_mask(masks, latents.shape[-2:])
         errors = []
         for t in fixed.tolist():
             timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
@@ -400,7 +456,7 @@ class SDLoRAModule(pl.LightningModule):
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             target = training_target(self.noise_scheduler, latents, noise, timesteps)
             prediction = self.unet(noisy, timesteps, **conditioning).sample
-            errors.append(per_image_error(prediction, target))
+            errors.append(per_image_error(prediction, target, mask))
         self.val_loss.update(torch.stack(errors).mean(dim=0))
         self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=latents.shape[0])
 
@@ -426,7 +482,8 @@ class SDLoRAModule(pl.LightningModule):
         around this module's networks, LoRA included, with a DDIM sampler."""
         return build_pipeline(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                               scheduler_config=self.scheduler_config, text_encoder_2=self.text_encoder_2,
-                              tokenizer_2=self.tokenizer_2)
+                              tokenizer_2=self.tokenizer_2,
+                              force_zeros_for_empty_prompt=self.dropped_caption_embedding == "zeros")
 
     def save_samples(self, step: int) -> Path:
         """Draw the sample prompts and save them as one PNG grid (and to TensorBoard)."""

@@ -14,7 +14,7 @@ import torch
 
 def build_pipeline(*, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: Any,
                    scheduler_config: dict, text_encoder_2: Optional[torch.nn.Module] = None,
-                   tokenizer_2: Any = None) -> Any:
+                   tokenizer_2: Any = None, force_zeros_for_empty_prompt: bool = True) -> Any:
     """A diffusers pipeline around the given networks (LoRA included) with a DDIM sampler:
     ``StableDiffusionXLPipeline`` when there is a second text encoder, ``StableDiffusionPipeline``
     (no safety checker) otherwise.
@@ -23,6 +23,8 @@ def build_pipeline(*, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder:
         unet, vae, text_encoder, tokenizer: the model's parts.
         scheduler_config: the base model's scheduler config; the DDIM sampler is built from it.
         text_encoder_2, tokenizer_2: SDXL's second text encoder and tokenizer.
+        force_zeros_for_empty_prompt: SDXL: sample the unconditional (no negative prompt) with
+            zero embeddings, as diffusers does by default, or (``False``) with the empty prompt's.
 
     Example:
         >>> pipe = build_pipeline(unet=module.unet, vae=module.vae, text_encoder=module.text_encoder,
@@ -33,7 +35,8 @@ def build_pipeline(*, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder:
     scheduler = DDIMScheduler.from_config(scheduler_config)
     if text_encoder_2 is not None:
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
     return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
