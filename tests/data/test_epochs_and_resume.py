@@ -23,13 +23,17 @@ BUCKETS = dict(resolution=32, min_bucket=16, max_bucket=64, bucket_step=16)
 
 
 def _folder(root, count=8, sizes=SIZES):
-    """``count`` small noise images of a few shapes, each with its own tagged caption."""
+    """``count`` small noise images of a few shapes, each with its own tagged caption; the first
+    has a loss mask file, the second a partly transparent alpha channel (a mask too)."""
     root.mkdir()
     for i in range(count):
         width, height = sizes[i % len(sizes)]
-        pixels = np.random.RandomState(i).randint(0, 256, (height, width, 3), dtype=np.uint8)
+        pixels = np.random.RandomState(i).randint(0, 256, (height, width, 4 if i == 1 else 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / f"img{i}.png")
         (root / f"img{i}.txt").write_text(f"tag{i}, red, green, blue, round")
+    width, height = sizes[0]
+    Image.fromarray(np.random.RandomState(99).randint(0, 256, (height, width), dtype=np.uint8)).save(
+        root / "img0.mask.png")
     return root
 
 
@@ -97,6 +101,7 @@ def test_worker_processes_draw_each_epochs_augmentations(tmp_path, tokenizer):
             expected = data.dataset[(epoch, index)]
             assert torch.equal(batch["pixel_values"][0], expected["pixel_values"])
             assert torch.equal(batch["input_ids"][0], expected["input_ids"])
+            assert torch.equal(batch["loss_mask"][0], expected["loss_mask"])
     draws = [{index: batch["pixel_values"] for batch, index in served[epoch]} for epoch in (0, 1, 2)]
     assert any(not torch.equal(draws[0][i], draws[e][i]) for e in (1, 2) for i in draws[0])
 

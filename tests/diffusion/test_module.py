@@ -149,7 +149,7 @@ def test_the_module_reads_what_its_data_module_describes(tmp_path, tiny_folder):
     module = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_text_embeddings=True)
     module.extra_lora_metadata.update(ss_num_train_images="mine", my_key={"a": 1})  # the user's keys win
     _trainer(tmp_path / "a", 2).fit(module, datamodule=DescribedData(module.tokenizer))
-    assert (module.text_cache.misses, len(module.text_cache)) == (8, 8)  # every caption encoded up front
+    assert (module.text_cache.misses, len(module.text_cache)) == (9, 9)  # every caption and "" encoded up front
     assert module.text_cache.hits == 2 * 2  # then two steps of two rows found theirs
     with safe_open(module.export_lora(tmp_path / "l.safetensors"), "pt") as handle:
         metadata = handle.metadata()

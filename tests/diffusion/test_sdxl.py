@@ -141,8 +141,8 @@ def test_text_embedding_cache_encodes_every_caption_of_the_data_module_up_front(
                                   batch_size=2, pin_memory=False, val_split=0.2)
     _fit(module, tmp_path, data, 3, num_sanity_val_steps=0)
     captions = data.captions()
-    assert len(captions) > 3 and len(module.text_cache) == len(captions)
-    assert module.text_cache.misses == len(captions)  # all encoded before the first step, none after
+    assert len(captions) > 3 and len(module.text_cache) == len(captions) + 1  # and the empty prompt
+    assert module.text_cache.misses == len(captions) + 1  # all encoded before the first step, none after
     assert module.text_cache.hits == 3 * 2  # every training row found its caption
     ids, ids_2 = tokenize(module.tokenizer, [captions[0]]), tokenize(module.tokenizer_2, [captions[0]])
     hidden, pooled = module.encode_text(ids, ids_2)
