@@ -83,10 +83,15 @@ def _alpha_channel(image: Image.Image) -> Optional[Image.Image]:
 
 
 def _open_mask(path: Path) -> Image.Image:
-    """A mask file as 8-bit grey levels ("L": colour masks by their luminance), turned upright."""
+    """A mask file as 8-bit grey levels ("L": colour masks by their luminance, 16-bit grey
+    levels scaled from 0-65535), turned upright."""
     with Image.open(path) as mask:
         mask.load()
-        return ImageOps.exif_transpose(mask).convert("L")
+        mask = ImageOps.exif_transpose(mask)
+        if mask.mode in ("I;16", "I;16L", "I;16B", "I"):  # Pillow's convert("L") would clip them at 255
+            grey = np.rint(np.asarray(mask, dtype=np.float64) * (255 / 65535))
+            return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+        return mask.convert("L")
 
 
 def _upright_size(image: Image.Image) -> tuple[int, int]:

@@ -198,6 +198,9 @@ class SDLoRAModule(pl.LightningModule):
             raise ValueError(f"model.target_preset must be one of {sorted(TARGET_PRESETS)}, got {target_preset!r}")
         if lora_alpha is not None and not lora_alpha > 0:
             raise ValueError(f"model.lora_alpha must be positive, got {lora_alpha!r}")
+        if dropped_caption_embedding not in (None, *DROPPED_CAPTION_EMBEDDINGS):
+            raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or 'zeros' (or unset: what the "
+                             f"model's pipeline uses), got {dropped_caption_embedding!r}")
         if cache_text_embeddings and train_text_encoder:
             raise ValueError("model.cache_text_embeddings needs frozen text encoders; it cannot be combined with "
                              "model.train_text_encoder=true (turn one of them off)")
@@ -212,11 +215,10 @@ class SDLoRAModule(pl.LightningModule):
         self.family = parts.family
         if dropped_caption_embedding is None:
             dropped_caption_embedding = "zeros" if parts.force_zeros_for_empty_prompt else "empty_prompt"
-        if dropped_caption_embedding not in DROPPED_CAPTION_EMBEDDINGS or (
-                dropped_caption_embedding == "zeros" and self.family != "sdxl"):
-            raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or (SDXL only) 'zeros', got "
-                             f"{dropped_caption_embedding!r} for an {self.family} model (the SD 1.x/2.x pipelines "
-                             "sample the unconditional with the empty prompt)")
+        if dropped_caption_embedding == "zeros" and self.family != "sdxl":
+            raise ValueError(f"model.dropped_caption_embedding='zeros' is for SDXL models; this is an {self.family} "
+                             "model, whose pipelines sample the unconditional with the empty prompt: use "
+                             "'empty_prompt' (or leave it unset)")
         self.dropped_caption_embedding = dropped_caption_embedding
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.text_encoder_2 = parts.text_encoder_2  # SDXL only

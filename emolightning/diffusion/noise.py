@@ -105,8 +105,8 @@ def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     pixels it covers (area averaging), so a weight is never lost or invented at an edge.
 
     Args:
-        mask: (B, 1, H, W) weights in [0, 1] (the batch's ``loss_mask``), at the image size or
-            already at the latent size.
+        mask: (B, 1, H, W) weights in [0, 1] (the batch's ``loss_mask``; (B, H, W) is read as
+            one channel), at the image size or already at the latent size.
         size: the latents' (height, width); ``H`` and ``W`` are multiples of them for exact
             area averaging (images are 8 times the latents in SD 1.x, 2.x and SDXL).
 
@@ -118,6 +118,8 @@ def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
         torch.Size([2, 1, 8, 8])
     """
     mask = mask.float()
+    if mask.dim() == 3:
+        mask = mask[:, None]
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
     return F.adaptive_avg_pool2d(mask, size)

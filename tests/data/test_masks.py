@@ -106,6 +106,19 @@ def test_the_alpha_channel_is_a_mask_unless_opaque_or_turned_off(tmp_path, token
     assert "loss_mask" not in _data(root, tokenizer, alpha_mask=False).dataset[0]  # no masks: no key
 
 
+def test_sixteen_bit_and_colour_masks_keep_their_grey_levels(tmp_path, tokenizer):
+    root = tmp_path / "set"
+    levels = np.array([0, 1, 2, 3], dtype=np.float64)[None, :].repeat(32, 0).repeat(8, 1)  # four 8-pixel stripes
+    _save(root / "a.png", _gradient(32, 32))
+    _save(root / "a.mask.png", (levels * 21845).astype(np.uint16))  # 0, 1/3, 2/3, 1 of 65535
+    _save(root / "b.png", _gradient(32, 32))
+    _save(root / "b.mask.png", np.dstack([(levels * 85).astype(np.uint8)] * 3))  # grey, stored as RGB
+    data = _data(root, tokenizer)
+    for index in range(2):
+        mask = data.dataset[index]["loss_mask"][0]
+        assert torch.equal(torch.round(mask * 255), torch.from_numpy(levels * 85).float())
+
+
 def test_the_cache_key_changes_with_the_mask_file(tmp_path, tokenizer):
     root = tmp_path / "set"
     _save(root / "a.png", _gradient(32, 32))

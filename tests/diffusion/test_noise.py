@@ -103,6 +103,7 @@ def test_masks_are_area_averaged_to_the_latent_size():
     assert small.shape == (1, 1, 2, 2) and small.dtype == torch.float32
     assert small[0, 0].tolist() == [[1.0, 1 / 32], [0.0, 0.25]]  # each latent pixel: the mean of its 8x4 block
     assert latent_mask(small, (2, 2)) is small  # already at the latent size
+    assert torch.equal(latent_mask(mask[:, 0], (2, 2)), small)  # (B, H, W): one channel
 
 
 def test_masked_loss_against_a_hand_computed_reference():
