@@ -45,20 +45,6 @@ class SDComponents:
     family: str = "sd1"
     text_encoder_2: Any = None
     tokenizer_2: Any = None
-    force_zeros_for_empty_prompt: bool = False
-    """SDXL: the unconditional embedding the model's pipeline samples with is zeros, not the empty
-    prompt's (``model_index.json``; diffusers' default ``True`` when it does not say)."""
-
-
-def _force_zeros_for_empty_prompt(folder: Optional[Path], family: str) -> bool:
-    """What ``StableDiffusionXLPipeline.from_pretrained(folder)`` would set: the folder's
-    ``force_zeros_for_empty_prompt``, ``True`` when absent; ``False`` for SD 1.x/2.x, whose
-    pipelines always encode the empty prompt."""
-    if family != "sdxl":
-        return False
-    index = folder / "model_index.json" if folder is not None else None
-    settings = json.loads(index.read_text()) if index is not None and index.is_file() else {}
-    return bool(settings.get("force_zeros_for_empty_prompt", True))
 
 
 def load_components(pretrained: str, family: Optional[str] = None, base_config: Optional[str] = None) -> SDComponents:
@@ -96,9 +82,7 @@ def load_components(pretrained: str, family: Optional[str] = None, base_config: 
         return SDComponents(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
                             tokenizer=parts["tokenizer"], scheduler_config=parts["scheduler_config"], source=str(path),
                             family=parts["family"], text_encoder_2=parts.get("text_encoder_2"),
-                            tokenizer_2=parts.get("tokenizer_2"),
-                            force_zeros_for_empty_prompt=_force_zeros_for_empty_prompt(
-                                Path(base_config).expanduser(), parts["family"]))
+                            tokenizer_2=parts.get("tokenizer_2"))
     scratch = None
     if pretrained in (TINY, TINY_XL):
         from emolightning.diffusion.tiny import build_tiny_sd, build_tiny_sdxl
@@ -137,7 +121,6 @@ def load_components(pretrained: str, family: Optional[str] = None, base_config: 
             family=family,
             text_encoder_2=load("text_encoder_2", CLIPTextModelWithProjection) if xl else None,
             tokenizer_2=load("tokenizer_2", CLIPTokenizer) if xl else None,
-            force_zeros_for_empty_prompt=_force_zeros_for_empty_prompt(folder, family),
         )
     finally:
         if scratch is not None:  # the tiny model now lives in memory

@@ -70,8 +70,8 @@ class SDLoRAModule(pl.LightningModule):
     :class:`emolightning.batch.Batch`). A batch's ``loss_mask`` weighs the loss per pixel
     (area-averaged to the latent size; each image's loss is its mask-weighted mean, see
     :func:`emolightning.diffusion.noise.per_image_error`), and its ``caption_dropped`` rows
-    train the unconditional case: they are conditioned on the embedding the model's pipeline
-    samples with when there is no negative prompt (``dropped_caption_embedding``).
+    train the unconditional case: they are conditioned on the empty prompt's embedding, as
+    classifier-free guidance samples with an empty negative prompt (``dropped_caption_embedding``).
 
     With a data module, the two talk through the protocols of :mod:`emolightning.batch`: the
     module lends its tokenizers (:meth:`tokenizers`) to a data module that has none, and reads
@@ -122,12 +122,11 @@ class SDLoRAModule(pl.LightningModule):
             them (the default); ``False`` scores every pixel alike.
         dropped_caption_embedding: what a dropped caption (``caption_dropped`` in the batch)
             conditions the UNet on: ``"empty_prompt"``, the text encoders' output for ``""``
-            (for SDXL both encoders' hidden states and the pooled embedding), or ``"zeros"``
-            (SDXL only: zero hidden states and pooled embedding). Default: what the model's
-            pipeline uses for the unconditional half of guidance without a negative prompt:
-            zeros for an SDXL model whose ``model_index.json`` has
-            ``force_zeros_for_empty_prompt`` (true, or absent, as in SDXL base), the empty prompt
-            otherwise. Sample images follow the same choice.
+            (for SDXL both encoders' hidden states and the pooled embedding; the default), or
+            ``"zeros"`` (SDXL only: zero hidden states and pooled embedding, what diffusers'
+            SDXL pipeline with ``force_zeros_for_empty_prompt`` and AUTOMATIC1111 sample the
+            unconditional half with when no negative prompt is given). The module's sample
+            images follow the same choice.
         sample_prompts: prompts to draw sample images from during training (fixed seed).
         sample_every_n_steps: how often (0: never); images go to ``<log dir>/samples`` as PNG and
             to TensorBoard when that is the logger.
@@ -175,7 +174,7 @@ class SDLoRAModule(pl.LightningModule):
         seed: int = 0,
         validation_timesteps: int = 4,
         masked_validation: bool = True,
-        dropped_caption_embedding: Optional[str] = None,
+        dropped_caption_embedding: str = "empty_prompt",
         sample_prompts: Optional[list[str]] = None,
         sample_every_n_steps: int = 0,
         sample_size: int = 512,
@@ -198,9 +197,9 @@ class SDLoRAModule(pl.LightningModule):
             raise ValueError(f"model.target_preset must be one of {sorted(TARGET_PRESETS)}, got {target_preset!r}")
         if lora_alpha is not None and not lora_alpha > 0:
             raise ValueError(f"model.lora_alpha must be positive, got {lora_alpha!r}")
-        if dropped_caption_embedding not in (None, *DROPPED_CAPTION_EMBEDDINGS):
-            raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or 'zeros' (or unset: what the "
-                             f"model's pipeline uses), got {dropped_caption_embedding!r}")
+        if dropped_caption_embedding not in DROPPED_CAPTION_EMBEDDINGS:
+            raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or 'zeros', got "
+                             f"{dropped_caption_embedding!r}")
         if cache_text_embeddings and train_text_encoder:
             raise ValueError("model.cache_text_embeddings needs frozen text encoders; it cannot be combined with "
                              "model.train_text_encoder=true (turn one of them off)")
@@ -213,8 +212,6 @@ class SDLoRAModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         parts = load_components(pretrained, model_family, base_config)
         self.family = parts.family
-        if dropped_caption_embedding is None:
-            dropped_caption_embedding = "zeros" if parts.force_zeros_for_empty_prompt else "empty_prompt"
         if dropped_caption_embedding == "zeros" and self.family != "sdxl":
             raise ValueError(f"model.dropped_caption_embedding='zeros' is for SDXL models; this is an {self.family} "
                              "model, whose pipelines sample the unconditional with the empty prompt: use "
