@@ -1,7 +1,7 @@
 """Write docs/api.md, the API reference, from the public names' signatures and docstrings.
 
 The public names are each package's ``__all__`` (``emolightning``, ``emolightning.optim``,
-``emolightning.callbacks``, ``emolightning.diffusion``, ``emolightning.data``), the CLI module's
+``emolightning.callbacks``, ``emolightning.run``, ``emolightning.diffusion``, ``emolightning.data``), the CLI module's
 ``__all__`` and the helpers in ``EXTRA``. Run it after changing a public docstring:
 
     python scripts/gen_api_docs.py            # rewrite docs/api.md
@@ -24,8 +24,8 @@ from lightning.pytorch.cli import LightningCLI
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "api.md"
-PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.diffusion",
-            "emolightning.data", "emolightning.cli"]
+PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.run",
+            "emolightning.diffusion", "emolightning.data", "emolightning.cli"]
 EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl"],
          "emolightning.diffusion.single_file": ["detect_family", "load_single_file"],
          "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"]}
@@ -142,6 +142,10 @@ def _members(cls: type) -> list[tuple[str, Any]]:
     for owner in _HOOK_OWNERS:
         if issubclass(cls, owner):
             hooks |= {n for n in dir(owner) if not n.startswith("_")}
+    from emolightning.callbacks import StepCallback
+
+    if issubclass(cls, StepCallback) and cls is not StepCallback:
+        hooks.add("on_optimizer_step")  # StepCallback calls it; documented there
     members = []
     for name, value in vars(cls).items():
         if name.startswith("_") or name in hooks:

@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from emolightning.callbacks._util import release_gloo_group_at_exit, undo_accumulation
+from emolightning._distributed import release_gloo_group_at_exit
+from emolightning.run import emo_optimizers, undo_accumulation
 
 
 class EmoLossFeed(Callback):
@@ -46,7 +47,7 @@ class EmoLossFeed(Callback):
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
-        optimizers = [opt for opt in trainer.optimizers if callable(getattr(opt, "feed_loss", None))]
+        optimizers = emo_optimizers(trainer)
         if not optimizers:
             return
         value = loss.detach()

@@ -36,6 +36,7 @@ from emolightning.diffusion.noise import (
     training_target,
 )
 from emolightning.optim import EmoNavi
+from emolightning.run import run_events
 
 DEFAULT_LR = 6e-5  # the EmoNavi author's recommendation for LoRA
 
@@ -250,6 +251,7 @@ class SDLoRAModule(pl.LightningModule):
         for file_format in self.hparams.export_formats:
             path = folder / f"lora-step{self.trainer.global_step}.{file_format}.safetensors"
             self.exported.append(self.export_lora(path, format=file_format, dtype=dtype))
+            run_events(self.trainer).publish("LoRA", self.exported[-1])
 
     # ---------------------------------------------------------------------------- step
     def encode_text(self, input_ids: Tensor, input_ids_2: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -462,6 +464,8 @@ class SDLoRAModule(pl.LightningModule):
         path, temporary = folder / f"step{step:06d}.png", folder / f".step{step:06d}.png.partial"
         grid.save(temporary, format="PNG")
         os.replace(temporary, path)
+        if self._trainer is not None:
+            run_events(self.trainer).publish("sample images", folder)
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image("samples", np.asarray(grid), step, dataformats="HWC")

@@ -179,3 +179,24 @@ def test_bad_arguments_are_named():
         ShadowCheckpoint(decay=1.0)
     with pytest.raises(ValueError, match="spike_factor"):
         ShadowCheckpoint(spike_factor=0.5)
+
+
+def test_rollback_to_the_optimizers_own_shadow_keeps_training(tmp_path):
+    # the optimizer keeps the shadow: the weights come back from it, its moments start afresh
+    # and its shadow stays (a state holding only the shadow must still get fresh moments)
+    shadow = ShadowCheckpoint(spike_factor=None, warmup_steps=5, save_on_fit_end=False)
+    module = FrozenBase(use_shadow=True, bad_steps=(12,))
+
+    class Check(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if shadow.rollbacks and shadow.rollbacks[-1]["step"] == trainer.global_step:
+                optimizer = trainer.optimizers[0]
+                for p in pl_module.head.parameters():
+                    assert torch.equal(p.detach(), optimizer.state[p]["shadow"])
+                    assert not optimizer.state[p]["exp_avg"].any()
+                self.checked = True
+
+    check = Check()
+    _trainer(tmp_path, [shadow, check]).fit(module, _loader())
+    assert [r["step"] for r in shadow.rollbacks] == [13] and getattr(check, "checked", False)
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -31,7 +31,7 @@ def _train(cls, sync_loss, rank, fused=False):
         optimizer.step(lambda: loss)
         drives.add(optimizer.snapshot().drive)
     if fused and cls is not EmoClan:  # Clan's v3.0 Fact rule is compiled, its others native
-        assert not optimizer._compiled, "the native kernels did not run"
+        assert not optimizer._dispatcher.compiled, "the native kernels did not run"
     return torch.cat([p.detach().flatten() for p in model.parameters()]), optimizer.snapshot(), drives
 
 

@@ -303,7 +303,7 @@ def test_multi_tensor_paths_match_the_loop(optimizer_class, path, use_shadow, mo
         _run(optimizer, params, losses)
         results[name] = ([p.detach() for p in params], optimizer.snapshot(), _states(optimizer, params))
     if path == "native" and optimizer_class is not EmoClan:  # Clan's v3.0 fact rule stays compiled
-        assert not optimizer._compiled and not optimizer._native_refused
+        assert not optimizer._dispatcher.compiled and not optimizer._dispatcher.native_refused
     # EmoClan's float32 second moments round differently once the compiler fuses them.
     rtol = 1e-6 if optimizer_class is EmoClan else 1e-10
     for a, b in zip(results["loop"][0], results[path][0]):
@@ -355,9 +355,9 @@ def test_fact_fused_matches_the_loop_on_grouped_shapes(dtype, backend, monkeypat
             if i in (3, 4):  # some matrices sit a step out (e.g. LoRA module dropout)
                 params[0].grad = params[4].grad = None
             optimizer.step(loss=loss)
-        assert not any(update.failed for update in optimizer._compiled.values())
+        assert not any(update.failed for update in optimizer._dispatcher.compiled.values())
         if name == "fused":
-            assert bool(optimizer._compiled) == (backend == "compiled")
+            assert bool(optimizer._dispatcher.compiled) == (backend == "compiled")
         results[name] = ([p.detach().clone() for p in params], _states(optimizer, params),
                          optimizer.state_dict())
     rtol = 1e-10 if dtype is torch.float64 else 1e-5
@@ -384,7 +384,7 @@ def test_fused_path_does_not_recompile_when_lr_and_drive_change(compiled_backend
         drives.add(round(optimizer.snapshot().drive, 6))
     assert len(drives) > 1
     assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
-    assert not any(update.failed for update in optimizer._compiled.values())
+    assert not any(update.failed for update in optimizer._dispatcher.compiled.values())
 
 
 @pytest.mark.parametrize("cls", [EmoNavi, EmoFact])
@@ -397,7 +397,7 @@ def test_fused_path_with_fp32_state_of_bf16_weights_compiles_once(cls, compiled_
     compiled = dynamo_utils.counters["stats"]["unique_graphs"]
     _run(optimizer, params, LOSSES, start_seed=1)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
-    assert len(optimizer._compiled) == 1
+    assert len(optimizer._dispatcher.compiled) == 1
     reference = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
     loop = cls(reference, lr=1e-2, foreach=False, state_dtype=torch.float32)
     _run(loop, reference, [1.0] + LOSSES)
@@ -434,7 +434,7 @@ def test_native_kernels_fall_back_to_the_compiled_update_when_they_cannot_be_bui
     fused = EmoLynx(params, lr=1e-2, fused=True)
     with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
         _run(fused, params, LOSSES)
-    assert fused._compiled and not any(update.failed for update in fused._compiled.values())
+    assert fused._dispatcher.compiled and not any(update.failed for update in fused._dispatcher.compiled.values())
     _run(EmoLynx(reference, lr=1e-2, foreach=False), reference, LOSSES)
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b)
@@ -446,8 +446,8 @@ def test_a_bucket_the_native_kernel_refuses_takes_the_compiled_update():
     fused = EmoClan(params, lr=1e-2, fused=True)
     _run(fused, params, [1.0, 1.0])
     assert fused._branch() == "navi"
-    assert [key[2] for key in fused._native_refused] == ["navi_step_"]
-    assert [key[2] for key in fused._compiled] == ["navi"]
+    assert [key[2] for key in fused._dispatcher.native_refused] == ["navi_step_"]
+    assert [key[2] for key in fused._dispatcher.compiled] == ["navi"]
     _run(EmoClan(reference, lr=1e-2, foreach=False), reference, [1.0, 1.0])
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
@@ -459,7 +459,7 @@ def test_native_kernels_take_fp32_work_copies_of_bf16_weights(cls):
     reference = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
     fused = cls(params, lr=1e-2, fused=True, state_dtype=torch.float32)
     _run(fused, params, LOSSES)
-    assert not fused._compiled and not fused._native_refused
+    assert not fused._dispatcher.compiled and not fused._dispatcher.native_refused
     _run(cls(reference, lr=1e-2, foreach=False, state_dtype=torch.float32), reference, LOSSES)
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b)
@@ -473,7 +473,7 @@ def test_native_kernels_record_their_in_place_changes_for_autograd(cls):
     saved = (weight * weight).sum()
     weight.grad = torch.randn(4, 3)
     optimizer.step(loss=1.0)
-    assert not optimizer._compiled
+    assert not optimizer._dispatcher.compiled
     assert weight._version == 1 and all(t._version == 1 for t in optimizer.state[weight].values())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
@@ -491,7 +491,7 @@ def test_native_kernels_give_the_same_bits_on_any_thread_count(cls):
             params = _params(shapes=shapes)
             optimizer = cls(params, lr=1e-2, fused=True)
             _run(optimizer, params, LOSSES[:4])
-            assert not optimizer._compiled
+            assert not optimizer._dispatcher.compiled
             results.append(([p.detach().clone() for p in params], _states(optimizer, params)))
     finally:
         torch.set_num_threads(threads)
@@ -583,3 +583,45 @@ def test_lightning_accepts_the_optimizers(optimizer_class):
     from lightning.fabric.utilities.types import Optimizable
 
     assert isinstance(optimizer_class(_params(), lr=1e-3), Optimizable)
+
+
+# ---------------------------------------------------------------------- public interface
+def test_every_optimizer_offers_the_interface_the_callbacks_use(optimizer_class):
+    from emolightning.optim import EmotionalOptimizer
+
+    params = _params()
+    optimizer = optimizer_class(params, lr=1e-2, use_shadow=True)
+    assert isinstance(optimizer, EmotionalOptimizer)
+    assert not isinstance(torch.optim.AdamW(_params(), lr=1e-3), EmotionalOptimizer)
+    assert optimizer.shadow_weights(params) is None  # no step yet: no shadow
+    assert not optimizer.restore_from_shadow(params)
+    _run(optimizer, params, LOSSES)
+    shadows = optimizer.shadow_weights(params)
+    if optimizer_class is EmoClan:  # Clan keeps a shadow only once a parameter's own scalar says so
+        shadows = shadows or []
+    for p, shadow in zip(params, shadows):
+        assert shadow is optimizer.state[p]["shadow"]
+    if shadows:
+        assert optimizer.restore_from_shadow(params)
+        for p, shadow in zip(params, shadows):
+            torch.testing.assert_close(p.detach(), shadow.to(p.dtype))
+    kept = [optimizer.state[p].get("shadow") for p in params[:2]]
+    optimizer.drop_moments(params[:2])
+    for p, shadow in zip(params[:2], kept):  # moments start afresh (zeros), the shadow stays
+        assert optimizer.state[p].get("shadow") is shadow
+        assert all(not v.any() for k, v in optimizer.state[p].items() if k != "shadow")
+    assert all(any(v.any() for k, v in optimizer.state[p].items() if torch.is_tensor(v) and k != "shadow")
+               for p in params[2:])
+    assert optimizer.lr_name == "lr" and optimizer.lr_values() == [1e-2]
+    optimizer.param_groups[0]["initial_lr"] = 1e-2  # as a scheduler sets it
+    optimizer.scale_lr(0.5)
+    assert optimizer.lr_values() == [5e-3] and optimizer.param_groups[0]["initial_lr"] == 5e-3
+    _run(optimizer, params, LOSSES)  # the dropped state is created afresh
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_without_use_shadow_there_is_no_optimizer_shadow(optimizer_class):
+    params = _params()
+    optimizer = optimizer_class(params, lr=1e-2)
+    _run(optimizer, params, LOSSES)
+    assert optimizer.shadow_weights(params) is None and not optimizer.restore_from_shadow(params)
