@@ -4,21 +4,40 @@ reference v3.9.1)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
+from emolightning.optim._dispatch import Bucket, UpdateRule
 from emolightning.optim._multi_tensor import step_
+from emolightning.optim._pulse_base import EmoPulseOptimizer
+
+
+# Elements summed by one thread in :func:`l1_norm`: torch splits one long sum between its
+# threads, so its last bits would depend on the thread count (and ranks of a distributed run
+# could disagree); a sum over rows of this length is split by rows only.
+L1_CHUNK = 1 << 14
+
+
+def l1_norm(p: Tensor) -> Tensor:
+    """``‖p‖₁`` as a 0-d tensor of ``p``'s dtype, with the same bits whatever torch's thread
+    count (the reference's ``torch._foreach_norm(params, 1)`` differs in the last bits between
+    thread counts for tensors of more than 32768 elements)."""
+    flat = p.detach().reshape(-1).abs()
+    rows = flat.numel() // L1_CHUNK
+    if rows <= 1:
+        return flat.sum()
+    split = rows * L1_CHUNK
+    return flat[:split].view(rows, L1_CHUNK).sum(dim=1).sum() + flat[split:].sum()
 
 
 def total_l1_norm(params: list[Tensor]) -> Tensor:
-    """``Σ ‖p‖₁`` over ``params`` as a 0-d tensor: per-tensor norms summed in parameter order
-    (as the reference sums ``torch._foreach_norm(params, 1)``), mixed dtypes promoted."""
-    norms = torch._foreach_norm([p.detach() for p in params], 1)
-    total = norms[0]
-    for norm in norms[1:]:
-        total = total + norm.to(total.device)
+    """``Σ ‖p‖₁`` over ``params`` as a 0-d tensor: per-tensor norms summed in parameter order,
+    as the reference sums them, mixed dtypes promoted."""
+    total = l1_norm(params[0])
+    for p in params[1:]:
+        total = total + l1_norm(p).to(total.device)
     return total
 
 
@@ -62,3 +81,79 @@ def tion_update_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     torch._foreach_mul_(exp_avgs, 1 - alpha)
     torch._foreach_add_(exp_avgs, grads, alpha=alpha)
     torch._foreach_add_(params, torch._foreach_sign(exp_avgs), alpha=-lr)
+
+
+TION = UpdateRule("tion", tion_update, state_keys=("exp_avg",), foreach=tion_update_foreach, native="tion_step_")
+
+
+class EmoTion(EmoPulseOptimizer):
+    """EmoTion (v3.9.1, "Approx W-Ref Geometry"): the sign of a gradient average whose weight
+    follows how fast the weights move, at emoPulse.
+
+    Each step first measures the total L1 norm of param group 0's weights and its relative
+    change ``r`` since the last step; the "freshness" ``max(tanh(r / 0.03), 1 - betas[0])``
+    sets the weight of the new gradient in ``m = (1 - a) m + a g``, ``a = (1 - β1) *
+    freshness``. The step is ``p -= emoPulse * sign(m)``. No weight decay (the reference
+    accepts ``weight_decay`` and ignores it). One state tensor per parameter. See
+    :class:`~emolightning.optim.EmoSens` for emoPulse and the shared arguments.
+
+    As in the reference, the norm remembered for the next step is ``N * r`` rather than ``N``;
+    when the weights change slowly the freshness therefore follows a period-3 pattern (1, the
+    floor, 1, 1, the floor, ...). Only param group 0 is measured.
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: emoScope (1.0 for LoRA).
+        eps: unused.
+        betas: ``betas[0]`` weighs the gradient average (per group) and, from the constructor,
+            sets the freshness floor ``1 - betas[0]``; ``betas[1]`` is unused.
+        weight_decay: accepted and ignored, as in the reference.
+        stopcoef, use_shadow, notify, sync_loss, foreach, fused, state_dtype: as for EmoSens.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = EmoTion(model.parameters())
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(params, lr, **kwargs)
+        self._freshness_floor = 1 - self.defaults["betas"][0]
+        self._reset_geometry()
+
+    def _reset_geometry(self) -> None:
+        self.prev_gl1: Optional[Tensor] = None
+        self.g_freshness = 1.0
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype_for(p), memory_format=torch.preserve_format)
+
+    def _rule(self, group: dict[str, Any]) -> UpdateRule:
+        return TION
+
+    def _rule_args(self, rule: UpdateRule, group: dict[str, Any], bucket: Bucket) -> tuple:
+        return (group["betas"][0],)
+
+    def _drive(self, group: dict[str, Any]) -> float:
+        return self.g_freshness  # the rule's second per-step scalar
+
+    def _before_updates(self) -> None:
+        super()._before_updates()
+        total = total_l1_norm(self.param_groups[0]["params"])
+        self.g_freshness, self.prev_gl1 = gradient_freshness(total, self.prev_gl1, self._freshness_floor)
+
+    def reset_emotion(self, *, moments: bool = False) -> None:
+        """See :meth:`EmoOptimizer.reset_emotion`; ``moments`` also forgets the remembered norm."""
+        super().reset_emotion(moments=moments)
+        if moments:
+            self._reset_geometry()
+
+    def _snapshot_extras(self) -> dict[str, float]:
+        return {**super()._snapshot_extras(), "g_freshness": self.g_freshness}
+
+    def _geometry_state(self) -> dict[str, Any]:
+        return {"prev_gl1": self.prev_gl1, "g_freshness": self.g_freshness}
+
+    def _load_geometry_state(self, internal: dict[str, Any]) -> None:
+        previous = internal.get("prev_gl1")
+        self.prev_gl1 = None if previous is None else torch.as_tensor(previous).clone()
+        self.g_freshness = float(internal.get("g_freshness", 1.0))
