@@ -11,6 +11,7 @@ import torch
 
 from emolightning.optim import EmoAiry, EmoCats, EmoSens, EmoTion, EmoVoid, reference_state_dict
 from tests.optim.pulse_vectors import (
+    B0,
     S4,
     S5_FINAL,
     S5_FINAL_EMA,
@@ -433,3 +434,46 @@ def test_arguments(cls):
     assert optimizer.emoScope == 1.0 and optimizer.param_groups[0]["lr"] == 1.0
     assert (optimizer.stopcoef, optimizer.dNR_hist, optimizer.noise_est, optimizer.d_est, optimizer.c_est) == \
         (0.04, 1.0, 1.0, 0.02, 0.0)
+
+
+# ---------------------------------------------------------------------- float32, fused
+@pytest.mark.parametrize("use_shadow", [False, True], ids=["plain", "shadow"])
+@pytest.mark.parametrize("path", ["loop", "fused"])
+def test_s5_in_float32(cls, use_shadow, path):
+    """float32 weights and state follow the float64 trajectory to float32's precision (the
+    pulses, pure float math, are the same)."""
+    W = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float32))
+    b = torch.nn.Parameter(torch.tensor(B0, dtype=torch.float32))
+    optimizer = cls([W, b], lr=10.0, notify=False, use_shadow=use_shadow,
+                    **({"fused": True} if path == "fused" else {"foreach": False}))
+    for step in range(1, 25):
+        gW, gb = s5_grads(step)
+        W.grad, b.grad = gW.float(), gb.float()
+        optimizer.step(loss=S5_LOSSES[step - 1])
+        assert optimizer.param_groups[0]["lr"] == S5_PULSES[step - 1]
+    want_W, want_b = S5_FINAL[(cls.__name__, use_shadow)]
+    torch.testing.assert_close(W.detach().double().flatten(), torch.tensor(want_W, dtype=torch.float64),
+                               rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(b.detach().double(), torch.tensor(want_b, dtype=torch.float64), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [EmoSens, EmoTion], ids=lambda c: c.__name__)
+def test_the_compiled_update_is_not_recompiled_as_pulse_and_freshness_change(cls, compiled_backend):
+    import torch._dynamo.utils as dynamo_utils
+
+    W, b = s5_params()
+    optimizer = cls([W, b], lr=10.0, notify=False, fused=True)
+    W.grad, b.grad = s5_grads(1)
+    optimizer.step(loss=S5_LOSSES[0])
+    compiled = dynamo_utils.counters["stats"]["unique_graphs"]
+    scalars = set()
+    for step in range(2, 25):
+        W.grad, b.grad = s5_grads(step)
+        optimizer.step(loss=S5_LOSSES[step - 1])
+        scalars.add((optimizer.last_pulse, optimizer.snapshot().extras.get("g_freshness")))
+    assert len(scalars) > 5
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
+    assert not any(update.failed for update in optimizer._dispatcher.compiled.values())
+    want_W, want_b = S5_FINAL[(cls.__name__, False)]
+    _close(W, want_W, rtol=1e-10)
+    _close(b, want_b, rtol=1e-10)
