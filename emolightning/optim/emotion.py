@@ -9,6 +9,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
+from emolightning.optim import _native
+from emolightning.optim._dispatch import NATIVE_DTYPES as _NATIVE_DTYPES
 from emolightning.optim._dispatch import Bucket, UpdateRule
 from emolightning.optim._multi_tensor import step_
 from emolightning.optim._pulse_base import EmoPulseOptimizer
@@ -32,9 +34,14 @@ def l1_norm(p: Tensor) -> Tensor:
     return flat[:split].view(rows, L1_CHUNK).sum(dim=1).sum() + flat[split:].sum()
 
 
-def total_l1_norm(params: list[Tensor]) -> Tensor:
+def total_l1_norm(params: list[Tensor], native: bool = False) -> Tensor:
     """``Σ ‖p‖₁`` over ``params`` as a 0-d tensor: per-tensor norms summed in parameter order,
-    as the reference sums them, mixed dtypes promoted."""
+    as the reference sums them, mixed dtypes promoted. With ``native`` (the fused path), CPU
+    float32/float64 tensors are summed in one C++ call (in double within each tensor)."""
+    if native and all(p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and p.is_contiguous() for p in params):
+        ops = _native.native_kernels()
+        if ops is not None:
+            return ops.l1_total(params)
     total = l1_norm(params[0])
     for p in params[1:]:
         total = total + l1_norm(p).to(total.device)
@@ -138,7 +145,7 @@ class EmoTion(EmoPulseOptimizer):
 
     def _before_updates(self) -> None:
         super()._before_updates()
-        total = total_l1_norm(self.param_groups[0]["params"])
+        total = total_l1_norm(self.param_groups[0]["params"], native=self.fused)
         self.g_freshness, self.prev_gl1 = gradient_freshness(total, self.prev_gl1, self._freshness_floor)
 
     def reset_emotion(self, *, moments: bool = False) -> None:

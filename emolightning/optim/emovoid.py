@@ -27,8 +27,7 @@ def renormalize_(params: list[Tensor], total: Tensor, previous: Optional[Tensor]
     if previous.device != total.device:
         previous = previous.to(total.device)
     ratio = (previous / (total + 1e-8)).item()
-    for p in params:
-        p.mul_(ratio)
+    torch._foreach_mul_(params, ratio)
     return total * ratio
 
 
@@ -94,7 +93,7 @@ class EmoVoid(EmoPulseOptimizer):
         super()._before_updates()
         count, self.warmup_count = self.warmup_count, self.warmup_count + 1
         params = self.param_groups[0]["params"]
-        self.prev_gl1 = renormalize_(params, total_l1_norm(params), self.prev_gl1, count)
+        self.prev_gl1 = renormalize_(params, total_l1_norm(params, native=self.fused), self.prev_gl1, count)
 
     def _stop_rose(self) -> None:
         super()._stop_rose()

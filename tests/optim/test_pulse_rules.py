@@ -9,7 +9,7 @@ from emolightning.optim._multi_tensor import CompiledUpdate, scalar_tensor
 from emolightning.optim.emoairy import airy_update, airy_update_foreach
 from emolightning.optim.emocats import cats_update, cats_update_foreach
 from emolightning.optim.emosens import sens_update, sens_update_foreach
-from emolightning.optim.emotion import gradient_freshness, tion_update, tion_update_foreach, total_l1_norm
+from emolightning.optim.emotion import gradient_freshness, l1_norm, tion_update, tion_update_foreach, total_l1_norm
 from emolightning.optim.emovoid import renormalize_, void_update, void_update_foreach
 
 SHAPES = [(7,), (5, 3), (4, 3, 3, 2), (1,), (16, 40)]
@@ -144,6 +144,20 @@ def test_cats_is_lion():
     torch.testing.assert_close(m, want_m, rtol=4e-15, atol=0)
 
 
+def test_the_torch_l1_norm_does_not_depend_on_the_thread_count():
+    x = _tensors([(700, 400)], 6, torch.float32)[0]
+    threads = torch.get_num_threads()
+    try:
+        values = set()
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            values.add(l1_norm(x).item())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(values) == 1
+    assert values.pop() == pytest.approx(x.abs().sum().item(), rel=1e-6)
+
+
 def test_geometry_helpers():
     params = [torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]], dtype=torch.float64),
               torch.tensor([0.05, -0.05, 0.3], dtype=torch.float64)]
@@ -162,3 +176,26 @@ def test_geometry_helpers():
     late = [p * 2 for p in params]
     assert renormalize_(late, total_l1_norm(late), total, count=56).item() == 5.0
     assert torch.equal(late[0], params[0] * 2)
+
+
+def test_native_l1_total_matches_the_reference_sum_on_any_thread_count():
+    ops = _native.native_kernels()
+    if ops is None:
+        pytest.skip("the native kernels could not be built here")
+    tensors = _tensors([(700, 400), (16, 768), (9,), (1,)], 3) + _tensors([(300, 300)], 4, torch.float32)
+    want = sum(torch._foreach_norm(tensors, 1))  # the reference's: float32 norms promoted to float64
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(ops.l1_total(tensors))
+            assert total_l1_norm(tensors, native=True).item() == results[-1].item()
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0].dtype == torch.float64 and len({r.item() for r in results}) == 1
+    torch.testing.assert_close(results[0], want, rtol=1e-7, atol=0)  # float32 norms: float32 rounding
+    fp32 = _tensors([(700, 400), (5,)], 5, torch.float32)
+    total = ops.l1_total(fp32)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, sum(torch._foreach_norm(fp32, 1)), rtol=1e-5, atol=0)

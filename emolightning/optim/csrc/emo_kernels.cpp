@@ -8,6 +8,7 @@
 // accumulated in double, so they may round differently from torch's mean.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -517,6 +518,72 @@ void void_step(TensorList params, TensorList grads, double lr, double drive) {
   bump_versions({params});
 }
 
+// ------------------------------------------------------------------ EmoTion's, EmoVoid's norm
+// The sum of the tensors' L1 norms, as the reference computes it (each tensor's norm in its
+// dtype, then added up in order, promoting float32 to float64 where they mix), with each
+// tensor's elements summed in double over chunks of a fixed size: the bits do not depend on
+// how many threads share the work.
+template <typename T>
+EMO_INLINE double abs_sum_body(const T* __restrict x, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += std::abs(static_cast<double>(x[i + k]));
+  }
+  for (; i < n; ++i) lanes[0] += std::abs(static_cast<double>(x[i]));
+  double sum = 0;
+  for (double lane : lanes) sum += lane;
+  return sum;
+}
+
+EMO_CLONES double abs_sum(const float* x, int64_t n) { return abs_sum_body<float>(x, n); }
+EMO_CLONES double abs_sum(const double* x, int64_t n) { return abs_sum_body<double>(x, n); }
+
+Tensor l1_total(TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "l1_total: expected at least one tensor");
+  bool any_double = false;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "l1_total: every tensor must be on the CPU");
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                "l1_total: float32 or float64 tensors only, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "l1_total: every tensor must be contiguous");
+    any_double = any_double || t.scalar_type() == at::kDouble;
+  }
+  struct Chunk {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t begin = 0; begin < n; begin += kGrain) chunks.push_back({t, begin, std::min(n, begin + kGrain)});
+  }
+  std::vector<double> sums(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& chunk = chunks[c];
+      const Tensor& t = tensors[chunk.tensor];
+      sums[c] = t.scalar_type() == at::kFloat
+                    ? abs_sum(t.data_ptr<float>() + chunk.begin, chunk.end - chunk.begin)
+                    : abs_sum(t.data_ptr<double>() + chunk.begin, chunk.end - chunk.begin);
+    }
+  });
+  std::vector<double> norms(tensors.size(), 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) norms[chunks[c].tensor] += sums[c];
+  // each norm rounded to its tensor's dtype, then added up in order in the promoted dtype
+  if (any_double) {
+    double total = 0;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      total += tensors[t].scalar_type() == at::kFloat ? static_cast<double>(static_cast<float>(norms[t])) : norms[t];
+    }
+    return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+  }
+  float total = 0;
+  for (double norm : norms) total += static_cast<float>(norm);
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(emolightning, m) {
@@ -537,6 +604,7 @@ TORCH_LIBRARY(emolightning, m) {
   m.def("tion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, "
         "float freshness, float beta1) -> ()");
   m.def("void_step_(Tensor(a!)[] params, Tensor[] grads, float lr, float drive) -> ()");
+  m.def("l1_total(Tensor[] tensors) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(emolightning, CPU, m) {
@@ -547,4 +615,5 @@ TORCH_LIBRARY_IMPL(emolightning, CPU, m) {
   m.impl("airy_step_", &airy_step);
   m.impl("tion_step_", &tion_step);
   m.impl("void_step_", &void_step);
+  m.impl("l1_total", &l1_total);
 }
