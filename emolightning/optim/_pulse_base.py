@@ -18,6 +18,9 @@ from emolightning.optim._pulse import PulseEmotion
 
 logger = logging.getLogger("emolightning.optim")
 
+# an emoScope below this is far under the author's smallest (0.01): most likely a learning rate
+SMALL_SCOPE = 1e-3
+
 
 class EmoPulseOptimizer(EmoOptimizer):
     """The EmoSens family's base: the step size is emoPulse, computed from the loss history.
@@ -77,6 +80,15 @@ class EmoPulseOptimizer(EmoOptimizer):
         self._warned_nonfinite = False
         if any(lr_value != lr for lr_value in self._lr_seen):
             self._warn_lr("param groups were given their own 'lr'")
+        if 0 < lr < SMALL_SCOPE:
+            warnings.warn(
+                f"{type(self).__name__}: lr={lr:g} is emoScope, a multiplier of the step size the "
+                f"optimizer computes (emoPulse, {lr * 1e-4:.2g} at the start), not a learning rate; "
+                "the author uses 1.0 for LoRA, 0.1 for full UNet and 0.01 for full Transformer "
+                "fine-tuning. Was a learning rate passed by mistake?",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _make_emotion(self) -> PulseEmotion:
         return PulseEmotion(scope=self.defaults["lr"], stopcoef=self._initial_stopcoef, use_shadow=self.use_shadow)

@@ -477,3 +477,12 @@ def test_the_compiled_update_is_not_recompiled_as_pulse_and_freshness_change(cls
     want_W, want_b = S5_FINAL[(cls.__name__, False)]
     _close(W, want_W, rtol=1e-10)
     _close(b, want_b, rtol=1e-10)
+
+
+def test_a_learning_rate_passed_as_emoscope_is_questioned(cls):
+    p = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.warns(UserWarning, match="lr=6e-05 is emoScope"):
+        cls(p, lr=6e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(p, lr=0.01)  # the author's smallest scope
