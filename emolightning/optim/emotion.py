@@ -20,12 +20,14 @@ from emolightning.optim._pulse_base import EmoPulseOptimizer
 # threads, so its last bits would depend on the thread count (and ranks of a distributed run
 # could disagree); a sum over rows of this length is split by rows only.
 L1_CHUNK = 1 << 14
+# torch reduces a CPU tensor of at most this many elements on one thread (its grain size)
+SERIAL_NUMEL = 1 << 15
 
 
 def l1_norm(p: Tensor) -> Tensor:
     """``‖p‖₁`` as a 0-d tensor of ``p``'s dtype, with the same bits whatever torch's thread
     count (the reference's ``torch._foreach_norm(params, 1)`` differs in the last bits between
-    thread counts for tensors of more than 32768 elements)."""
+    thread counts for CPU tensors of more than 32768 elements)."""
     flat = p.detach().reshape(-1).abs()
     rows = flat.numel() // L1_CHUNK
     if rows <= 1:
@@ -35,16 +37,26 @@ def l1_norm(p: Tensor) -> Tensor:
 
 
 def total_l1_norm(params: list[Tensor], native: bool = False) -> Tensor:
-    """``Σ ‖p‖₁`` over ``params`` as a 0-d tensor: per-tensor norms summed in parameter order,
-    as the reference sums them, mixed dtypes promoted. With ``native`` (the fused path), CPU
-    float32/float64 tensors are summed in one C++ call (in double within each tensor)."""
+    """``Σ ‖p‖₁`` over ``params`` as a 0-d tensor (the reference sums per-tensor norms, mixed
+    dtypes promoted), with the same bits whatever torch's thread count. With ``native`` (the
+    fused path), CPU float32/float64 tensors are summed in one C++ call (in double within each
+    tensor); otherwise small and non-CPU tensors take one ``torch._foreach_norm`` call, large
+    CPU tensors :func:`l1_norm`."""
     if native and all(p.device.type == "cpu" and p.dtype in _NATIVE_DTYPES and p.is_contiguous() for p in params):
         ops = _native.native_kernels()
         if ops is not None:
             return ops.l1_total(params)
-    total = l1_norm(params[0])
-    for p in params[1:]:
-        total = total + l1_norm(p).to(total.device)
+    norms: list[Optional[Tensor]] = [None] * len(params)
+    batched = [i for i, p in enumerate(params) if p.device.type != "cpu" or p.numel() <= SERIAL_NUMEL]
+    if batched:
+        for i, norm in zip(batched, torch._foreach_norm([params[i].detach() for i in batched], 1)):
+            norms[i] = norm
+    norms = [norm if norm is not None else l1_norm(p) for p, norm in zip(params, norms)]
+    if len({(n.dtype, n.device) for n in norms}) == 1:
+        return torch.stack(norms).sum()
+    total = norms[0]
+    for norm in norms[1:]:
+        total = total + norm.to(total.device)
     return total
 
 

@@ -145,17 +145,19 @@ def test_cats_is_lion():
 
 
 def test_the_torch_l1_norm_does_not_depend_on_the_thread_count():
-    x = _tensors([(700, 400)], 6, torch.float32)[0]
+    tensors = _tensors([(700, 400), (16, 768), (5,)], 6, torch.float32)
     threads = torch.get_num_threads()
     try:
         values = set()
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            values.add(l1_norm(x).item())
+            values.add((l1_norm(tensors[0]).item(), total_l1_norm(tensors).item()))
     finally:
         torch.set_num_threads(threads)
     assert len(values) == 1
-    assert values.pop() == pytest.approx(x.abs().sum().item(), rel=1e-6)
+    large, total = values.pop()
+    assert large == pytest.approx(tensors[0].abs().sum().item(), rel=1e-6)
+    assert total == pytest.approx(sum(t.abs().sum().item() for t in tensors), rel=1e-6)
 
 
 def test_geometry_helpers():
