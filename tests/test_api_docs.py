@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.run",
-            "emolightning.diffusion", "emolightning.data", "emolightning.cli"]
+            "emolightning.diffusion", "emolightning.data", "emolightning.batch", "emolightning.cli"]
 DESIGN_NAMES = {"EmoNavi", "EmoFact", "EmoLynx", "EmoClan", "ShadowCheckpoint", "PlateauContinuation",
                 "EmotionMonitor", "RankConsistency", "SDLoRAModule", "ImageCaptionDataModule"}
 

@@ -65,7 +65,7 @@ def ddp_run(tmp_path_factory):
                f"--trainer.default_root_dir={base / 'run'}"]
     result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
+    assert result.returncode == 0, output[:8000] + "\n...\n" + output[-4000:]
     return base, output
 
 

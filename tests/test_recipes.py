@@ -51,9 +51,12 @@ def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
 
 def test_a_missing_model_path_is_named_before_anything_loads(tmp_path):
     recipe = next(p for p in RECIPES if p.stem == "sd15-lora")
+    args = ["--config", str(recipe), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"]
+    # the recipe's two placeholders: the data folder is checked first, before any class is built
+    with pytest.raises(FileNotFoundError, match="data.root .*my_set is not a folder"):
+        EmoLightningCLI(args=args, run=False)
     with pytest.raises(FileNotFoundError, match="model.pretrained: '/path/to/stable-diffusion-v1-5'"):
-        EmoLightningCLI(args=["--config", str(recipe), "--trainer.accelerator=cpu",
-                              f"--trainer.default_root_dir={tmp_path}"], run=False)
+        EmoLightningCLI(args=[*args, "--data.root=builtin:shapes"], run=False)
 
 
 def test_quickstart_runs_and_writes_its_outputs(tmp_path, capsys):

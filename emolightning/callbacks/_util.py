@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 
+from emolightning._files import temporary_path
 from emolightning.optim import EmotionalOptimizer
 
 
@@ -68,7 +69,7 @@ def save_checkpoint_atomically(trainer: "pl.Trainer", path: Union[str, Path]) ->
     path = Path(path)
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
+    temporary = temporary_path(path)  # a killed save leaves it; the next run removes it (remove_stale_partials)
     trainer.save_checkpoint(temporary, weights_only=False)  # full state: a stage checkpoint resumes
     if trainer.is_global_zero:
         os.replace(temporary, path)

@@ -162,6 +162,11 @@ class PlateauContinuation(StepCallback):
                     self.events(trainer).publish(label.format(record["stage"]), record[key])
         if self.stop_reason:
             self.events(trainer).publish("stopped because", self.stop_reason)
+            # resumed from a checkpoint of a run that had already ended: train no further
+            trainer.should_stop = True
+            rank_zero_info(f"PlateauContinuation: this run had already finished ({self.stop_reason}), so it "
+                           "stops at once. To train on, start a new run from its weights (e.g. its exported LoRA or "
+                           "stage checkpoint's weights) instead of resuming it.")
 
     @override
     def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
@@ -209,10 +214,22 @@ class PlateauContinuation(StepCallback):
 
     def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                snapshots: Optional[tuple] = None) -> None:
-        """Judge the plateau; ``snapshots``: the optimizers' emotion after this step, as the
-        step's record holds it (another callback may have reset it since)."""
+        """Decide, then act: a continuation stage (or the end) when :meth:`_evaluate` says so."""
         if trainer.sanity_checking or self.stop_reason is not None:
             return
+        plateau, value = self._evaluate(trainer, snapshots)
+        if plateau:
+            self._plateau(trainer, pl_module, value)
+
+    def _evaluate(self, trainer: "pl.Trainer", snapshots: Optional[tuple] = None) -> tuple[bool, Optional[float]]:
+        """Whether training sits on a plateau now (the same answer on every rank), and the
+        monitored value it was judged by (``None`` for ``should_stop``). Updates the patience
+        count, the best value and the stage's loss record; changes nothing else.
+
+        Args:
+            snapshots: the optimizers' emotion after this step, as the step's record holds it
+                (another callback may have reset the emotion since); default: read it now.
+        """
         train_loss = self._train_loss(trainer)
         record = self.stages[-1]
         if not math.isnan(train_loss):
@@ -232,7 +249,7 @@ class PlateauContinuation(StepCallback):
                 metric = trainer.callback_metrics.get(self.monitor)
                 value = None if metric is None else self._rank_mean(trainer, metric.detach())
             if value is None or math.isnan(value):
-                return
+                return False, value
             if self._improved(value):
                 self.best, self.wait = value, 0
             else:
@@ -241,9 +258,8 @@ class PlateauContinuation(StepCallback):
         if self.cooldown_left > 0:  # checks right after a change do not count against the stage
             self.cooldown_left -= 1
             self.wait = 0
-            return
-        if plateau and trainer.global_step - self.stage_start_step >= self.min_steps_per_stage:
-            self._plateau(trainer, pl_module, value)
+            return False, value
+        return plateau and trainer.global_step - self.stage_start_step >= self.min_steps_per_stage, value
 
     # ---------------------------------------------------------------------------- acting
     def _stage_record(self, trainer: "pl.Trainer", stage: int) -> dict[str, Any]:

@@ -170,6 +170,10 @@ class ShadowCheckpoint(StepCallback):
                     self.shadow[name] = self.shadow[name].to(p.device)
         for path in self.written:  # files of the run this one resumes
             self.events(trainer).publish("shadow", path)
+        # keep_last prunes only this run's folder: a resumed run (a new version folder) leaves the
+        # files of the run it resumes alone
+        folder = output_dir(trainer, self.dirpath, "shadow")
+        self.saved = [path for path in self.saved if Path(path).parent == folder]
 
     @override
     def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
@@ -180,7 +184,7 @@ class ShadowCheckpoint(StepCallback):
             value = float(trainer.strategy.reduce(loss, reduce_op="mean"))
             if self._judge(trainer, pl_module, params, value):
                 return
-        if self._optimizer_shadows(trainer, params) is None and step % self.update_every_n_steps == 0:
+        if self._optimizer_shadows(trainer, params) is None and self.should_update(step):
             self._update(params)
         if self.save_every_n_steps and step % self.save_every_n_steps == 0:
             self._save(trainer, pl_module, f"shadow-step{step}", periodic=True)
@@ -194,18 +198,32 @@ class ShadowCheckpoint(StepCallback):
 
     def _judge(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: dict[str, Tensor],
                value: float) -> bool:
-        """Roll back on a NaN/inf or spiking loss; otherwise fold the loss into the average."""
-        average = self.loss_average
-        spiking = (self.spike_factor is not None and average is not None and self.loss_steps >= self.warmup_steps
-                   and value > self.spike_factor * average)
-        if math.isfinite(value) and not spiking:
-            self.loss_average = value if average is None else 0.01 * value + 0.99 * average
+        """Roll back when :meth:`rollback_reason` gives a reason; otherwise fold the loss into
+        the average. Returns whether it rolled back."""
+        reason = self.rollback_reason(value)
+        if reason is None:
+            self.loss_average = value if self.loss_average is None else 0.01 * value + 0.99 * self.loss_average
             self.loss_steps += 1
             return False
-        reason = (f"loss {value:.6g} is not finite" if not math.isfinite(value) else
-                  f"loss {value:.6g} > {self.spike_factor:g} x average {average:.6g}")
         self._rollback(trainer, pl_module, params, reason)
         return True
+
+    def rollback_reason(self, loss: float) -> Optional[str]:
+        """Why this step's rank-mean ``loss`` calls for a rollback (NaN/inf, or a spike above
+        ``spike_factor`` times the long-run average after ``warmup_steps``), or ``None``.
+        Override it for another policy; it must give the same answer on every rank."""
+        if not math.isfinite(loss):
+            return f"loss {loss:.6g} is not finite"
+        average = self.loss_average
+        if (self.spike_factor is not None and average is not None and self.loss_steps >= self.warmup_steps
+                and loss > self.spike_factor * average):
+            return f"loss {loss:.6g} > {self.spike_factor:g} x average {average:.6g}"
+        return None
+
+    def should_update(self, step: int) -> bool:
+        """Whether the callback-kept shadow takes in the weights after optimizer step ``step``
+        (default: every ``update_every_n_steps`` steps). Override it for another policy."""
+        return step % self.update_every_n_steps == 0
 
     def _rollback(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: dict[str, Tensor],
                   reason: str) -> None:

@@ -1,4 +1,5 @@
-"""ImageCaptionDataModule: a folder of captioned images, bucketed by aspect ratio."""
+"""ImageCaptionDataModule: a folder of captioned images, bucketed by aspect ratio, in batches
+that follow :mod:`emolightning.batch`."""
 
 from __future__ import annotations
 
@@ -7,18 +8,56 @@ import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from emolightning.batch import (
+    CACHE_KEY,
+    INPUT_IDS,
+    INPUT_IDS_2,
+    PIXEL_VALUES,
+    TIME_IDS,
+    TokenizerProvider,
+    time_ids,
+    token_counts,
+    tokenize,
+)
 from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
-from emolightning.data.captions import Item, augment_caption, scan_folder
+from emolightning.data.captions import IMAGE_EXTENSIONS, Item, augment_caption, scan_folder
+from emolightning.data.resumable import ResumableDataLoader
 from emolightning.data.shapes import SHAPES, write_shapes
-from emolightning.diffusion.conditioning import tokenize
+
+
+LATENT_FACTOR = 8
+"""How many pixels make one latent pixel in the VAEs of SD 1.x, 2.x and SDXL: image sides must be
+multiples of it."""
+
+
+def _check_latent_multiple(option: str, value: int) -> None:
+    if value % LATENT_FACTOR:
+        lower = value // LATENT_FACTOR * LATENT_FACTOR
+        nearest = " or ".join(str(v) for v in (lower, lower + LATENT_FACTOR) if v > 0)
+        raise ValueError(f"data.{option}={value} is not a multiple of {LATENT_FACTOR} (the VAE turns {LATENT_FACTOR}x"
+                         f"{LATENT_FACTOR} pixels into one latent pixel); use {nearest}")
+
+
+def _warn_long_captions(tokenizer: Any, items: list[Item]) -> None:
+    """One warning for all the captions that :func:`tokenize` will cut at the tokenizer's limit."""
+    limit = tokenizer.model_max_length
+    captions = sorted({item.caption for item in items})
+    counts = dict(zip(captions, token_counts(tokenizer, captions)))
+    long = [item for item in items if counts[item.caption] > limit]
+    if long:
+        longest = max(long, key=lambda item: counts[item.caption])
+        rank_zero_warn(f"{len(long)} of {len(items)} caption(s) are longer than the tokenizer's limit of {limit} tokens "
+                       f"and are cut there: the words past it are not trained on (the longest has "
+                       f"{counts[longest.caption]} tokens: {longest.path}). Shorten them or put what matters first.")
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -57,7 +96,13 @@ class ImageCaptionDataset(Dataset):
     in [-1, 1], "input_ids": (77,), "time_ids": (6,), "cache_key": str}``, plus ``input_ids_2``
     when there is a second tokenizer (SDXL). ``time_ids`` are SDXL's micro-conditioning: the
     image's original height and width, the crop's top and left, and the bucket's height and
-    width."""
+    width.
+
+    An item's key is its index, or ``(epoch, index)``: the random crop, the mirroring and the
+    caption augmentation are drawn from ``seed``, the epoch (0 for a plain index) and the index,
+    so each epoch draws afresh and the same key always gives the same item. The training
+    sampler hands out ``(epoch, index)`` keys, which reach worker processes too.
+    """
 
     def __init__(self, items: list[Item], buckets: list[tuple[int, int]], tokenizer: Any, *, seed: int = 0,
                  random_crop: bool = False, flip_p: float = 0.0, caption_dropout: float = 0.0,
@@ -68,14 +113,14 @@ class ImageCaptionDataset(Dataset):
         self.random_crop, self.flip_p = random_crop, flip_p
         self.caption_options = dict(dropout=caption_dropout, shuffle_tags=shuffle_tags, keep_tags=keep_tags,
                                     separator=tag_separator)
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         item = self.items[index]
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # the same draw for the same epoch and index
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")  # the same draw for the same epoch and index
         image = _open_rgb(item.path)
         original = (image.height, image.width)
         width, height = self.buckets[index]
@@ -84,23 +129,20 @@ class ImageCaptionDataset(Dataset):
         augmented = self.random_crop or bool(self.flip_p)
         stat = item.path.stat()
         key = "" if augmented else f"{item.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.buckets[index]}|center"
-        out = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, caption), "cache_key": key,
-               "time_ids": torch.tensor([*original, *crop, height, width], dtype=torch.float32)}
+        out = {PIXEL_VALUES: pixels, INPUT_IDS: tokenize(self.tokenizer, caption), CACHE_KEY: key,
+               TIME_IDS: time_ids(original, crop, (height, width))}
         if self.tokenizer_2 is not None:
-            out["input_ids_2"] = tokenize(self.tokenizer_2, caption)
+            out[INPUT_IDS_2] = tokenize(self.tokenizer_2, caption)
         return out
 
 
 class _EpochBatches(BucketBatchSampler):
-    """Tells the dataset the epoch too, so its augmentations change every epoch."""
+    """Hands out ``(epoch, index)`` keys, so the dataset's augmentations change every epoch
+    (also in worker processes, which never see the main process's objects change)."""
 
-    def __init__(self, dataset: ImageCaptionDataset, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.dataset.epoch = epoch
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            yield [(self.iteration_epoch, index) for index in batch]
 
 
 class ImageCaptionDataModule(pl.LightningDataModule):
@@ -111,18 +153,33 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     epoch, or is described by a ``metadata.jsonl``. See :func:`emolightning.data.captions.scan_folder`
     for the rules, including what a missing caption becomes.
 
-    Images that cannot be read are skipped and listed once with a count. Every batch holds
-    images of one bucket: a size whose area is about ``resolution**2`` and whose aspect ratio is
-    closest to the image's; the image is resized to cover it and cropped (centre or random).
-    The tokenizers are the LightningModule's (``SDLoRAModule.tokenizer``, and for SDXL
-    ``tokenizer_2``); batches also carry SDXL's micro-conditioning ``time_ids``.
+    Images that cannot be read are skipped and listed once with a count; caption files that
+    are not UTF-8 and ``metadata.jsonl`` entries outside ``root`` are refused, naming the files
+    (:func:`emolightning.data.captions.scan_folder`); captions longer than the tokenizer's
+    limit get one warning with their count. :meth:`check_folder` runs the folder checks alone,
+    before any model is loaded. Every batch holds images of one bucket: a size whose area is
+    about ``resolution**2`` and whose aspect ratio is closest to the image's; the image is
+    resized to cover it and cropped (centre or random).
+
+    Each epoch has its own batch order and augmentation draws, from ``shuffle_seed`` and the
+    epoch (:class:`~emolightning.data.buckets.BucketBatchSampler`; under DDP each process
+    takes its own share). The training loader is a
+    :class:`~emolightning.data.resumable.ResumableDataLoader`: its epoch and position go into
+    Lightning checkpoints, so a run resumed mid-epoch continues with the next batch.
+    Batches are :class:`emolightning.batch.Batch` dicts, with SDXL's micro-conditioning
+    ``time_ids`` and a latent ``cache_key`` per image. The tokenizers are those given to
+    :meth:`use_tokenizers`, or else the LightningModule's when it lends them
+    (:class:`emolightning.batch.TokenizerProvider`, as SDLoRAModule does). The data module
+    describes its captions and dataset to the model as a
+    :class:`emolightning.batch.CaptionedData`.
 
     Args:
         root: the image folder, or ``"builtin:shapes"``: 24 generated pictures of coloured shapes
             (for the quickstart and tests).
         caption_extension: extension of the caption files.
         missing_caption: ``"folder"``, ``"filename"``, ``"empty"`` or ``"error"``.
-        resolution: the side of the square training size; buckets keep its area.
+        resolution: the side of the square training size; buckets keep its area. A multiple
+            of 8 (the VAE's downsampling factor), as are the three below.
         bucketing: aspect-ratio buckets; ``False`` crops everything to a square.
         min_bucket, max_bucket, bucket_step: bucket side limits and granularity.
         upscale: allow buckets larger than the image; ``False`` errors on images smaller than
@@ -168,6 +225,9 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             raise ValueError(f"data.val_split must be in [0, 1), got {val_split}")
         if not 0.0 <= flip_p <= 1.0 or not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"data.flip_p and data.caption_dropout must be in [0, 1], got {flip_p}, {caption_dropout}")
+        for name, value in (("resolution", resolution), ("min_bucket", min_bucket), ("max_bucket", max_bucket),
+                            ("bucket_step", bucket_step)):
+            _check_latent_multiple(name, value)
         self.save_hyperparameters()
         self.hparams.root = str(root)  # checkpoints must load with weights_only=True: no Path objects
         self.root = Path(root).expanduser() if str(root) != SHAPES else None
@@ -176,6 +236,21 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         self.skipped: list[tuple[Path, str]] = []
         self.tokenizer: Any = None
         self.tokenizer_2: Any = None
+        self._readable_items: list[Item] = []
+
+    def use_tokenizers(self, tokenizer: Any, tokenizer_2: Any = None) -> None:
+        """Tokenise captions with these (call before ``setup``); otherwise the LightningModule's
+        are used.
+
+        Args:
+            tokenizer: a ``transformers`` tokenizer (``CLIPTokenizer``).
+            tokenizer_2: SDXL's second tokenizer; batches then carry ``input_ids_2``.
+
+        Example:
+            >>> data = ImageCaptionDataModule("./my_set")
+            >>> data.use_tokenizers(CLIPTokenizer.from_pretrained("/models/sd15", subfolder="tokenizer"))
+        """
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
 
     def _readable(self, items: list[Item]) -> tuple[list[Item], list[tuple[int, int]]]:
         kept, sizes = [], []
@@ -198,11 +273,35 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     def _shapes_dir(self) -> Path:
         return Path(tempfile.gettempdir()) / f"emolightning-shapes-{self.hparams.resolution}"
 
-    def setup(self, stage: str) -> None:
+    def check_folder(self) -> int:
+        """Check ``data.root`` now, cheaply: the folder exists, its captions (or
+        ``metadata.jsonl``) can be read, and it holds at least one image file. Images are not
+        decoded and no tokenizer is needed, so this can run before a base model is loaded; it
+        raises the errors :meth:`setup` would raise for the folder.
+
+        Returns:
+            The number of image files found (each counted once, whatever its repeats).
+
+        Example:
+            >>> ImageCaptionDataModule("./my_set").check_folder()
+            42
+        """
+        return len(self._scan()[0])
+
+    def _scan(self) -> tuple[list[Item], list[Path]]:
         hp = self.hparams
         if hp.root == SHAPES:
             self.root = write_shapes(self._shapes_dir(), size=hp.resolution)
         items, missing = scan_folder(self.root, hp.caption_extension, hp.missing_caption)
+        if not items:
+            raise ValueError(f"data.root (--data.root): no images in {self.root} or its subfolders (looked for "
+                             f"{', '.join(IMAGE_EXTENSIONS)}, outside folders named 0_*); point it at the folder of "
+                             "your training images, with a caption .txt beside each image or a metadata.jsonl")
+        return items, missing
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        items, missing = self._scan()
         if missing:
             warnings.warn(f"{len(missing)} image(s) in {self.root} have no {hp.caption_extension} caption; used the "
                           f"data.missing_caption={hp.missing_caption!r} rule (first: {missing[0]})", stacklevel=2)
@@ -213,7 +312,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             warnings.warn(f"skipped {len(self.skipped)} unreadable image(s): {listed}"
                           + (" ..." if len(self.skipped) > 5 else ""), stacklevel=2)
         if not items:
-            raise ValueError(f"data.root: no readable images in {self.root} (looked for png, jpg, jpeg, webp, bmp)")
+            raise ValueError(f"data.root: no readable images in {self.root}: all {len(self.skipped)} image file(s) "
+                             "failed to open (listed in the warning above)")
         candidates = (make_buckets(hp.resolution, min_size=hp.min_bucket, max_size=hp.max_bucket, step=hp.bucket_step)
                       if hp.bucketing else [(hp.resolution, hp.resolution)])
         assigned = []
@@ -237,12 +337,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             if index not in held_out:
                 expanded += [item] * item.repeats
                 buckets += [bucket] * item.repeats
-        module = self.trainer.lightning_module if self.trainer else None
-        self.tokenizer = self.tokenizer or getattr(module, "tokenizer", None)
-        self.tokenizer_2 = self.tokenizer_2 or getattr(module, "tokenizer_2", None)
-        if self.tokenizer is None:
-            raise ValueError("ImageCaptionDataModule needs a tokenizer: use it with SDLoRAModule, or set "
-                             "datamodule.tokenizer")
+        self._take_module_tokenizers()
+        _warn_long_captions(self.tokenizer, items)
         self.dataset = ImageCaptionDataset(
             expanded, buckets, self.tokenizer, seed=hp.shuffle_seed, random_crop=hp.random_crop, flip_p=hp.flip_p,
             caption_dropout=hp.caption_dropout, shuffle_tags=hp.shuffle_tags, keep_tags=hp.keep_tags,
@@ -250,8 +346,26 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         kept = sorted(held_out)
         self.val_dataset = ImageCaptionDataset([items[i] for i in kept], [assigned[i] for i in kept], self.tokenizer,
                                                seed=hp.shuffle_seed, tokenizer_2=self.tokenizer_2) if kept else None
-        if module is not None and hasattr(module, "extra_lora_metadata"):
-            module.extra_lora_metadata.update(self.lora_metadata(items, sizes))
+        self._readable_items = items
+
+    def _take_module_tokenizers(self) -> None:
+        """Fill the tokenizers not given to :meth:`use_tokenizers` from the LightningModule, when
+        it lends them."""
+        module = self.trainer.lightning_module if self.trainer else None
+        if isinstance(module, TokenizerProvider):
+            tokenizer, tokenizer_2 = module.tokenizers()
+            self.tokenizer = self.tokenizer or tokenizer
+            self.tokenizer_2 = self.tokenizer_2 or tokenizer_2
+        if self.tokenizer is None:
+            raise ValueError("ImageCaptionDataModule needs a tokenizer: call data.use_tokenizers(tokenizer, "
+                             "tokenizer_2) before setup, or train it with a LightningModule that lends its "
+                             "tokenizers (emolightning.batch.TokenizerProvider, as SDLoRAModule does)")
+
+    @property
+    def caption_augmentations(self) -> list[str]:
+        """The settings that change captions between epochs (``data.caption_dropout``,
+        ``data.shuffle_tags``) that are on; empty when captions are used as written."""
+        return [f"data.{name}" for name in ("caption_dropout", "shuffle_tags") if self.hparams[name]]
 
     def captions(self) -> list[str]:
         """Every distinct caption of the training and validation images, as they are tokenised
@@ -259,8 +373,12 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         datasets = [d for d in (self.dataset, self.val_dataset) if d is not None]
         return sorted({item.caption for dataset in datasets for item in dataset.items})
 
-    def lora_metadata(self, items: list[Item], sizes: list[tuple[int, int]]) -> dict[str, Any]:
-        """kohya's dataset metadata: image count, resolution and tag frequency."""
+    def lora_metadata(self) -> dict[str, Any]:
+        """kohya's dataset metadata of the images found by ``setup`` (held-out ones included):
+        image count, resolution and tag frequency; empty before ``setup``."""
+        items = self._readable_items
+        if not items:
+            return {}
         tags: Counter = Counter()
         for item in items:
             tags.update(tag.strip() for tag in item.caption.split(self.hparams.tag_separator) if tag.strip())
@@ -275,11 +393,12 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         if world > 1 and getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False):
             raise ValueError("ImageCaptionDataModule shards its bucketed batches across processes itself: create the "
                              "Trainer with use_distributed_sampler=False")
-        sampler = _EpochBatches(dataset, dataset.buckets, self.hparams.batch_size, shuffle=shuffle,
+        sampler = _EpochBatches(dataset.buckets, self.hparams.batch_size, shuffle=shuffle,
                                 seed=self.hparams.shuffle_seed, rank=rank, world_size=world)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.hparams.num_workers,
-                          pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.hparams.num_workers > 0)
+        loader = ResumableDataLoader if shuffle else DataLoader  # only the training loader's place is saved
+        return loader(dataset, batch_sampler=sampler, num_workers=self.hparams.num_workers,
+                      pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+                      persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -59,3 +59,41 @@ class LatentCache:
             temporary = path.with_name(f".{path.name}.partial")
             torch.save(latents, temporary)
             os.replace(temporary, path)
+
+    @torch.no_grad()
+    def latents(self, pixel_values: Tensor, keys: list[str], encode: Callable[[Tensor], Any],
+                scaling_factor: float, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The scaled latents of a batch of images, on the images' device: cached ones are
+        reused, the others are encoded one by one and stored (an empty key: an augmented image,
+        encoded with the other augmented images of the batch and drawn from ``generator``, as
+        without a cache, and not stored).
+
+        Each stored image's draw from the VAE's distribution is seeded by its key, so a cache
+        rebuilt after a resume holds the same latents as the one it replaces.
+
+        Args:
+            pixel_values: (B, 3, H, W) images in [-1, 1].
+            keys: one cache key per image (the batch's ``cache_key``).
+            encode: images to the VAE's latent distribution (``mean``, ``std`` and ``sample``).
+            scaling_factor: the VAE's ``scaling_factor``.
+            generator: draws the augmented images' latents (the training noise stream).
+        """
+        found = [self.get(key) if key else None for key in keys]
+        augmented = [i for i, key in enumerate(keys) if not key]
+        if augmented:  # never stored: encoded together and drawn afresh, as without a cache
+            drawn = encode(pixel_values[augmented]).sample(generator=generator)
+            for index, latents in zip(augmented, drawn):
+                found[index] = latents * scaling_factor
+        for index in [i for i, latents in enumerate(found) if latents is None]:
+            # one image at a time: the VAE's result for an image depends in the last bits on the
+            # other images of its batch, and a cache refilled after a resume meets the images
+            # in other batches than the cache it replaces
+            found[index] = self._draw(encode(pixel_values[index:index + 1]), keys, [index])[0] * scaling_factor
+            self.put(keys[index], found[index])
+        return torch.stack([latents.to(pixel_values.device) for latents in found])
+
+    @staticmethod
+    def _draw(dist: Any, keys: list[str], indices: list[int]) -> Tensor:
+        draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
+            int(hashlib.sha1(keys[i].encode()).hexdigest()[:15], 16))) for i in indices])
+        return dist.mean + dist.std * draws.to(dist.mean)

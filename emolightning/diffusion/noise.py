@@ -94,11 +94,21 @@ def min_snr_weights(snr_values: Tensor, gamma: float, prediction_type: str) -> T
     return limited / clipped
 
 
+def squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """The element-wise squared error, in float32."""
+    return (prediction.float() - target.float()) ** 2
+
+
+def per_image_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """The mean squared error of each image (float32, one value per image): what the training
+    loss weights and validation reports."""
+    return squared_error(prediction, target).flatten(1).mean(dim=1)
+
+
 def diffusion_loss(prediction: Tensor, target: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """Mean squared error in float32; with ``weights`` (one per image), the weighted mean of
     the per-image errors."""
-    error = (prediction.float() - target.float()) ** 2
     if weights is None:
-        return error.mean()
-    per_image = error.flatten(1).mean(dim=1)
+        return squared_error(prediction, target).mean()
+    per_image = per_image_error(prediction, target)
     return (per_image * weights.to(per_image)).mean()

@@ -151,3 +151,23 @@ def build_tiny_sdxl(directory: Union[str, Path], *, prediction_type: str = "epsi
             write_tiny_tokenizer(staging / name)
 
     return _staged(directory, build)
+
+
+def randomize_lora(module: torch.nn.Module, *, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Fill every trainable weight of ``module`` (a LoRA's A and B matrices) with seeded normal
+    values, in place. A fresh LoRA's up matrices are zero, so it changes nothing; random ones
+    change every layer, which is what a check of exported files needs.
+
+    Args:
+        module: e.g. an :class:`~emolightning.diffusion.SDLoRAModule`.
+        seed: the random generator's seed.
+        std: the values' standard deviation.
+
+    Example:
+        >>> module = randomize_lora(SDLoRAModule("builtin:tiny", lora_rank=4))  # doctest: +SKIP
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in (p for p in module.parameters() if p.requires_grad):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return module

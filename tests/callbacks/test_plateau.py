@@ -245,3 +245,52 @@ def test_ddp_ranks_change_stage_together(tmp_path):
                                     RankAgreement(callback)])
     trainer.fit(NoisyRegression(), datamodule=PerRankData())
     assert trainer.state.finished
+
+
+def _batch_plateau(**kwargs):
+    # checks at the last batch of an epoch (8 batches of 8), so every stage checkpoint is taken
+    # at an epoch's end: a plain DataLoader cannot resume in the middle of an epoch
+    return _plateau(check_every_n_steps=8, window=8, patience=1, min_steps_per_stage=16, **kwargs)
+
+
+@pytest.mark.parametrize("stage_file", [0, 1])
+def test_a_stage_checkpoint_resumes_into_the_new_stage(tmp_path, stage_file):
+    straight_cb = _batch_plateau(dirpath=tmp_path / "stages")
+    straight = NoisyRegression()
+    _trainer(tmp_path / "straight", [straight_cb], max_epochs=60).fit(straight, _loader())
+    assert straight_cb.stage == 2 and straight_cb.stop_reason is not None
+    record = straight_cb.stages[stage_file]
+    resumed_cb = _batch_plateau(dirpath=tmp_path / "resumed-stages")
+    resumed = NoisyRegression()
+    trainer = _trainer(tmp_path / "resumed", [resumed_cb], max_epochs=60)
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.stage, self.lr = resumed_cb.stage, trainer.optimizers[0].param_groups[0]["lr"]
+
+    at_start = AtStart()
+    trainer.callbacks.append(at_start)
+    trainer.fit(resumed, _loader(), ckpt_path=record["checkpoint"])
+    assert at_start.stage == stage_file + 1  # the run resumes in the stage that began at that step
+    assert at_start.lr == pytest.approx(LR * 0.5 ** (stage_file + 1))
+    assert [r["start_step"] for r in resumed_cb.stages] == [r["start_step"] for r in straight_cb.stages]
+    assert resumed_cb.stop_reason == straight_cb.stop_reason
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_finished_run_resumed_from_its_last_checkpoint_stops_at_once(tmp_path, caplog):
+    first = _batch_plateau()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path / "first", [first, checkpoint], max_epochs=60, enable_checkpointing=True).fit(
+        NoisyRegression(), _loader())
+    assert first.stop_reason is not None
+    finished_at = first.stages[-1]["end_step"]
+    again = _batch_plateau()
+    module = NoisyRegression()
+    trainer = _trainer(tmp_path / "again", [again], max_epochs=60)
+    with caplog.at_level("INFO"):
+        trainer.fit(module, _loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert trainer.global_step == finished_at  # not one step more
+    assert again.stop_reason == first.stop_reason
+    assert "already finished" in caplog.text and first.stop_reason in caplog.text

@@ -200,3 +200,19 @@ def test_rollback_to_the_optimizers_own_shadow_keeps_training(tmp_path):
     _trainer(tmp_path, [shadow, check]).fit(module, _loader())
     assert [r["step"] for r in shadow.rollbacks] == [13] and getattr(check, "checked", False)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_a_resumed_run_prunes_only_its_own_files(tmp_path):
+    # the first run writes beside its checkpoints; its resumption elsewhere (as a new version folder)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "first", save_last=True)
+    first = ShadowCheckpoint(save_every_n_steps=4, keep_last=2, spike_factor=None, save_on_fit_end=False)
+    _trainer(tmp_path, [first, checkpoint], max_epochs=2, enable_checkpointing=True).fit(FrozenBase(), _loader())
+    shadows = sorted(p.name for p in (tmp_path / "first").glob("shadow-*"))
+    assert shadows == ["shadow-step12.safetensors", "shadow-step16.safetensors"]
+    resumed = ShadowCheckpoint(save_every_n_steps=4, keep_last=2, spike_factor=None, save_on_fit_end=False)
+    _trainer(tmp_path / "second", [resumed], max_epochs=4).fit(FrozenBase(), _loader(),
+                                                              ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert sorted(p.name for p in (tmp_path / "first").glob("shadow-*")) == shadows  # left alone
+    assert sorted(p.name for p in (tmp_path / "second" / "shadow").iterdir()) == [
+        "shadow-step28.safetensors", "shadow-step32.safetensors"]
+    assert len(resumed.written) == 4  # the summary still lists the first run's files

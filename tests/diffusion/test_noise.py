@@ -8,6 +8,7 @@ import torch
 from emolightning.diffusion.noise import (
     diffusion_loss,
     min_snr_weights,
+    per_image_error,
     sample_noise,
     sample_timesteps,
     snr,
@@ -81,6 +82,15 @@ def test_loss_plain_and_weighted():
     assert diffusion_loss(prediction.half(), target.half(), weights).dtype == torch.float32
     assert diffusion_loss(prediction, target, weights).item() == pytest.approx(
         (per_image * weights).mean().item(), rel=1e-6)
+
+
+def test_per_image_error_is_what_validation_reports_and_the_weighted_loss_averages():
+    prediction, target = torch.randn(3, 4, 2, 2, dtype=torch.float64), torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    errors = per_image_error(prediction, target)
+    expected = [((prediction[i] - target[i]) ** 2).mean().item() for i in range(3)]
+    assert errors.dtype == torch.float32 and errors.tolist() == pytest.approx(expected, rel=1e-6)
+    weights = torch.tensor([0.0, 1.0, 0.0])
+    assert diffusion_loss(prediction, target, weights).item() == pytest.approx(errors[1].item() / 3, rel=1e-6)
 
 
 def test_bad_settings_are_named():
