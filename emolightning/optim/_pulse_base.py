@@ -87,7 +87,7 @@ class EmoPulseOptimizer(EmoOptimizer):
                 "the author uses 1.0 for LoRA, 0.1 for full UNet and 0.01 for full Transformer "
                 "fine-tuning. Was a learning rate passed by mistake?",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
 
     def _make_emotion(self) -> PulseEmotion:
