@@ -48,6 +48,16 @@ def test_fit_then_export(fitted, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_fit_with_an_emosens_family_optimizer(tmp_path):
+    cli = EmoLightningCLI(args=["fit", *TINY_RUN, f"--trainer.default_root_dir={tmp_path}",
+                                "--model.optimizer=emolightning.optim.EmoSens"])
+    optimizer = cli.trainer.optimizers[0]
+    assert cli.trainer.global_step == 3 and type(optimizer).__name__ == "EmoSens"
+    assert optimizer.emoScope == 1.0  # the default lr, emoScope
+    assert optimizer.snapshot().loss is not None and optimizer.snapshot().steps_without_loss == 0
+    assert optimizer.param_groups[0]["lr"] == optimizer.last_pulse  # the emoPulse used
+
+
 def _one_line_error(capsys, argv, status=1):
     """Runs the command; returns its error line, after checking it came without a traceback."""
     with pytest.raises(SystemExit) as info:

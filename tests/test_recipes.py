@@ -18,7 +18,7 @@ TINY = ["--model.pretrained=builtin:tiny", "--data.root=builtin:shapes", "--data
 
 def test_there_are_recipes():
     assert [p.name for p in RECIPES] == ["multi-gpu-ddp.yaml", "quickstart.yaml", "sd15-lora.yaml", "sd2-v-lora.yaml",
-                                         "sdxl-lora-12gb.yaml", "sdxl-lora.yaml"]
+                                         "sdxl-lora-12gb.yaml", "sdxl-lora-emosens.yaml", "sdxl-lora.yaml"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -32,7 +32,12 @@ def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
             "RunSummary"} <= {type(cb).__name__ for cb in cli.trainer.callbacks}
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    assert type(optimizer).__name__ == "EmoNavi"
+    if "emosens" in recipe.stem:  # the author's LoRA scope; the stages lower it
+        assert type(optimizer).__name__ == "EmoSens" and optimizer.emoScope == 1.0
+        plateau = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "PlateauContinuation")
+        assert plateau.monitor == "train_loss"
+    else:
+        assert type(optimizer).__name__ == "EmoNavi"
     if "sd2-v" in recipe.stem:
         assert module.noise_scheduler.config.prediction_type == "v_prediction"
     if "lora_rank: 16" in text:

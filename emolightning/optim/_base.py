@@ -67,7 +67,8 @@ class EmoOptimizer(Optimizer):
     * ``_init_state(p, state)``: a parameter's state, created on its first step with a gradient;
     * ``_rule(group)``: the :class:`~emolightning.optim._dispatch.UpdateRule` to run, and
       ``_rule_args(rule, group, bucket)``: its hyperparameters after ``(lr, drive)``;
-    * optionally ``_step_size(group)`` (default ``group["lr"]``), ``_before_updates()`` and
+    * optionally ``_step_size(group)`` (default ``group["lr"]``), ``_drive(group)`` (default
+      emoDrive), ``_before_updates()`` and
       ``_after_updates()`` (run around the parameter updates of a step with a loss or none),
       ``_apply_shadow(params)`` and ``_snapshot_extras()``.
     """
@@ -207,7 +208,7 @@ class EmoOptimizer(Optimizer):
         """Run the group's rule on ``params`` (those with a gradient), bucket by bucket."""
         rule = self._rule(group)
         work, views, writeback = self._compute_views(params, grads)
-        lr, drive = self._step_size(group), self._emotion.drive
+        lr, drive = self._step_size(group), self._drive(group)
         for bucket, (ps, gs, sts) in self._dispatcher.buckets(index, params, [work, views, states]).items():
             self._dispatcher.run(rule, index, bucket, rule.columns(ps, gs, sts), lr, drive,
                                  self._rule_args(rule, group, bucket))
@@ -251,6 +252,12 @@ class EmoOptimizer(Optimizer):
     def _step_size(self, group: dict[str, Any]) -> float:
         """The learning rate the rule gets for ``group`` (before emoDrive)."""
         return group["lr"]
+
+    def _drive(self, group: dict[str, Any]) -> float:
+        """The rule's second per-step scalar for ``group``, given after ``lr`` (default: emoDrive;
+        EmoTion: its gradient freshness). Floats here become 0-d tensors on the compiled path,
+        so a new value each step does not recompile."""
+        return self._emotion.drive
 
     def _before_updates(self) -> None:
         """Runs after the emotion took this step's loss, before any parameter changes."""
@@ -325,7 +332,9 @@ class EmoOptimizer(Optimizer):
     # ------------------------------------------------------------------------- observability
     @property
     def should_stop(self) -> bool:
-        """True once the emotion history has stayed quiet for 32 steps (sticky until reset)."""
+        """The optimizer's "learning has gone quiet" signal: for EmoNavi's family, True once the
+        emotion history has stayed quiet for 32 steps (sticky until reset); for EmoSens's,
+        recomputed after every step with a loss."""
         return self._emotion.should_stop
 
     @should_stop.setter

@@ -110,6 +110,17 @@ def fact_update_foreach(params: list[Tensor], grads: list[Tensor], rows: list[Te
     torch._foreach_add_(every_param, signs, alpha=-lr * drive)
 
 
+def init_factored_state(p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
+    """A factored rule's state: a row (``exp_avg_r``, shape ``(d0, 1, ...)``) and a column
+    (``exp_avg_c``, ``(1, d1, ...)``) statistic for a matrix or conv kernel, ``exp_avg_sq``
+    shaped like ``p`` for vectors and scalars (EmoFact and EmoAiry)."""
+    if p.dim() >= 2:
+        state["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype, device=p.device)
+        state["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dtype, device=p.device)
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
 def _with_shared_ones(dispatcher: Dispatcher, key: tuple, columns: Columns) -> Columns:
     """The columns of :func:`fact_update_fused`: :func:`fact_update`'s, with one ``(1, *shape[1:])``
     tensor of ones per distinct row shape among the matrices of at most ``SHARED_LOOP_NUMEL``
@@ -173,12 +184,7 @@ class EmoFact(EmoOptimizer):
                          foreach=foreach, fused=fused, state_dtype=state_dtype, writer=writer)
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        dtype = self._state_dtype_for(p)
-        if p.dim() >= 2:
-            state["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype, device=p.device)
-            state["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dtype, device=p.device)
-        else:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        init_factored_state(p, state, self._state_dtype_for(p))
 
     def _rule(self, group: dict[str, Any]) -> UpdateRule:
         return FACT

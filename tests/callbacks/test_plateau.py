@@ -12,9 +12,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed, PlateauContinuation, ShadowCheckpoint
-from emolightning.optim import EmoNavi
+from emolightning.optim import EmoNavi, EmoPulseScheduler, EmoSens
 
 LR = 5e-2
+SCOPE = 8.0  # emoScope for the EmoSens family: emoPulse from 8e-4 up to 2.4e-2
 
 
 class NoisyRegression(pl.LightningModule):
@@ -37,10 +38,15 @@ class NoisyRegression(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_name == "adamw":
             optimizer = torch.optim.AdamW(self.parameters(), lr=LR)
+        elif self.optimizer_name == "emosens":
+            optimizer = EmoSens(self.parameters(), lr=SCOPE)  # lr is emoScope
         else:
             optimizer = EmoNavi(self.parameters(), lr=LR)
         if not self.use_scheduler:
             return optimizer
+        if self.use_scheduler == "emopulse":
+            scheduler = EmoPulseScheduler(optimizer, base_lr=SCOPE, notify=False)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": constant, "interval": "step"}}
 
@@ -85,6 +91,26 @@ def test_stages_advance_lr_drops_and_training_stops(tmp_path, optimizer, schedul
     assert len(saved) == 3 and all(name.endswith(".ckpt") for name in saved)
     checkpoint = torch.load(tmp_path / "stages" / saved[0], weights_only=True)
     assert checkpoint["global_step"] == callback.stages[0]["end_step"]
+
+
+@pytest.mark.parametrize("optimizer, scheduler", [("emosens", False), ("adamw", "emopulse")])
+def test_stages_lower_emoscope_for_the_emosens_family(tmp_path, optimizer, scheduler):
+    callback = _plateau()
+    trainer = _trainer(tmp_path, [callback])
+    trainer.fit(NoisyRegression(optimizer, scheduler), _loader())
+    assert callback.stage == 2 and callback.stop_reason
+    if optimizer == "emosens":
+        emosens = trainer.optimizers[0]
+        assert callback.lr_name == "emoScope"
+        assert [record["lrs"][0][0] for record in callback.stages] == [SCOPE, SCOPE / 2, SCOPE / 4]
+        assert emosens.emoScope == SCOPE / 4
+        # group lr shows the emoPulse of the last step, within the lowered scope's bounds
+        assert emosens.param_groups[0]["lr"] == emosens.last_pulse <= SCOPE / 4 * 3e-3
+        assert "emoScope" in [column.header for column in callback.summary_table().columns]
+    else:  # the scheduler's emoScope is lowered through its base_lrs
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        assert scheduler.emoScope == SCOPE / 4
+        assert trainer.optimizers[0].param_groups[0]["lr"] == scheduler.last_pulse <= 3e-3
 
 
 def test_lrs_list_sets_each_stage(tmp_path):
