@@ -18,6 +18,7 @@ from emolightning._files import save_tensors_atomically
 from emolightning.diffusion.export import (diffusers_state_dict, kohya_state_dict, kohya_text_encoder_layers,
                                           sgm_unet_layers)
 from emolightning.diffusion.models import lora_state_dict
+from emolightning.optim import EmotionalOptimizer
 
 FORMATS = ("kohya", "diffusers")
 READERS = {"kohya": "ComfyUI, A1111, kohya sd-scripts, diffusers",
@@ -132,7 +133,8 @@ def _unit_scale_config(network: torch.nn.Module) -> dict[str, Any]:
 
 def training_metadata(settings: Mapping[str, Any], trainer: Any = None) -> dict[str, str]:
     """kohya's ``ss_*`` keys for the training settings and, when there is a Trainer, its progress
-    and optimizer.
+    and optimizer (for an Emo optimizer what the user sets: the LR, or the EmoSens family's
+    emoScope, named in ``ss_optimizer``).
 
     Args:
         settings: SDLoRAModule's hyperparameters (``seed``, ``noise_offset``, ``snr_gamma``,
@@ -151,8 +153,13 @@ def training_metadata(settings: Mapping[str, Any], trainer: Any = None) -> dict[
                         ss_gradient_accumulation_steps=str(trainer.accumulate_grad_batches))
         if trainer.optimizers:
             optimizer = trainer.optimizers[0]
-            lrs = [group["lr"] for group in optimizer.param_groups]
-            metadata.update(ss_optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-                            ss_learning_rate=str(lrs[0]), ss_unet_lr=str(lrs[0]),
+            name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+            if isinstance(optimizer, EmotionalOptimizer):  # what the user set: the LR, or emoScope
+                lrs = optimizer.lr_values()
+                if optimizer.lr_name != "lr":  # the step size is the optimizer's own (emoPulse)
+                    name += f"({optimizer.lr_name}={lrs[0]:g})"
+            else:
+                lrs = [group["lr"] for group in optimizer.param_groups]
+            metadata.update(ss_optimizer=name, ss_learning_rate=str(lrs[0]), ss_unet_lr=str(lrs[0]),
                             ss_text_encoder_lr=str(lrs[1] if len(lrs) > 1 else lrs[0]))
     return metadata

@@ -40,3 +40,19 @@ def test_training_metadata_without_a_trainer_is_the_settings(module):
     assert set(metadata) == {"ss_output_name", "ss_seed", "ss_noise_offset", "ss_min_snr_gamma",
                              "ss_zero_terminal_snr", "ss_gradient_checkpointing", "ss_sd_model_name"}
     assert metadata["ss_sd_model_name"] == "builtin:tiny" and metadata["ss_min_snr_gamma"] == "None"
+
+
+def test_training_metadata_records_emoscope_for_the_emosens_family(module):
+    import lightning.pytorch as pl
+
+    from emolightning.optim import EmoNavi, EmoSens
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    weight = torch.nn.Parameter(torch.ones(3))
+    for optimizer, learning_rate, suffix in ((EmoSens([weight], lr=0.5), "0.5", "EmoSens(emoScope=0.5)"),
+                                             (EmoNavi([weight], lr=2e-4), "0.0002", "EmoNavi")):
+        weight.grad = torch.ones(3)
+        optimizer.step(loss=1.0)  # EmoSens' group lr now shows emoPulse, not what the user set
+        trainer.optimizers = [optimizer]
+        metadata = training_metadata(module.hparams, trainer)
+        assert metadata["ss_learning_rate"] == learning_rate and metadata["ss_optimizer"].endswith(suffix)
