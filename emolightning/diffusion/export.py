@@ -129,8 +129,10 @@ def diffusers_state_dict(peft_layers: dict[str, dict[str, Tensor]], scales: dict
     diffusers-format layout, each layer's scale multiplied in.
 
     - LoRA matrices: as the module docstring says, the up matrix times the scale.
-    - DoRA magnitudes: ``<network>.<module path>.lora_magnitude_vector`` (text encoders from
-      ``text_model.``), peft's own name, which diffusers leaves as it is and peft loads.
+    - DoRA magnitudes: ``<network>.<module path>.lora_magnitude_vector.weight`` (text encoders
+      from ``text_model.``): diffusers leaves the name as it is; peft inserts the adapter name
+      before ``weight``, and so does transformers 5's ``load_adapter``, which maps only keys
+      ending in a parameter's name (peft's own ``….lora_magnitude_vector`` it does not rename).
     - LoKr: ``unet.<module path>.lokr_w1`` and so on, the scale in ``lokr_w1``/``lokr_w1_a``;
       diffusers 0.42 loads these into a UNet (``load_lora_adapter``; its LoKr path renames nothing).
     - LoHa: refused; no diffusers release loads it.
@@ -157,7 +159,8 @@ def diffusers_state_dict(peft_layers: dict[str, dict[str, Tensor]], scales: dict
                 if network == "unet" and name in _LORA_MATRICES:
                     out[f"unet.{diffusers_unet_key(module, _LORA_MATRICES[name])}"] = tensor
                 else:
-                    out[f"{network}.{module if network == 'unet' else _text_model_path(module)}.{name}"] = tensor
+                    path = module if network == "unet" else _text_model_path(module)
+                    out[f"{network}.{path}.{name}{'.weight' if name == DORA_MAGNITUDE else ''}"] = tensor
     return out
 
 

@@ -22,19 +22,17 @@ from emolightning.diffusion.export import (diffusers_state_dict, group_by_module
 from emolightning.diffusion.models import lora_state_dict
 
 FORMATS = ("kohya", "diffusers")
-# (adapter, format) -> (the programs that load the file as trained, those that do not); the
+# (adapter, format) -> (the programs that load the file as trained, and what the others do); the
 # versions and the reasons are in docs/sd-lora.md
 _READERS = {
     ("lora", "kohya"): ("ComfyUI, A1111, kohya sd-scripts, diffusers", ""),
     ("lora", "diffusers"): ("diffusers >= 0.32, ComfyUI", ""),
     ("dora", "kohya"): ("kohya sd-scripts with LyCORIS >= 3.2",
-                        "ComfyUI applies it approximately (it divides by the base weight's norm); diffusers drops "
-                        "dora_scale; A1111 reads input-channel DoRA only"),
-    ("dora", "diffusers"): ("diffusers >= 0.32", "ComfyUI reads no DoRA magnitude from it"),
+                        "ComfyUI only approximately; not diffusers, A1111"),
+    ("dora", "diffusers"): ("diffusers >= 0.32", "not ComfyUI"),
     ("loha", "kohya"): ("ComfyUI, kohya sd-scripts with LyCORIS", "not diffusers"),
     ("lokr", "kohya"): ("ComfyUI, kohya sd-scripts with LyCORIS", "not diffusers"),
-    ("lokr", "diffusers"): ("diffusers >= 0.42 UNet (unet.load_lora_adapter)",
-                            "not load_lora_weights, not ComfyUI"),
+    ("lokr", "diffusers"): ("diffusers >= 0.42 unet.load_lora_adapter", "not load_lora_weights, not ComfyUI"),
 }
 _NO_DIFFUSERS = {"loha": "no diffusers release loads LoHa files",
                  "lokr": "diffusers loads LoKr into a UNet only (unet.load_lora_adapter), not into text encoders"}
@@ -42,9 +40,15 @@ _NO_DIFFUSERS = {"loha": "no diffusers release loads LoHa files",
 
 def readers(adapter: str, file_format: str) -> str:
     """Who loads a file of ``adapter`` (``"lora"``, ``"dora"``, ``"loha"``, ``"lokr"``) written in
-    ``file_format``, and who does not: the words of the run summary's rows."""
+    ``file_format`` with its trained weights, and, on a second line, who does not: the words of
+    the run summary's rows (docs/sd-lora.md has the versions and the reasons).
+
+    Example:
+        >>> readers("lora", "diffusers")
+        'diffusers >= 0.32, ComfyUI'
+    """
     yes, no = _READERS[(adapter, file_format)]
-    return f"{yes}; {no}" if no else yes
+    return f"{yes}\n{no}" if no else yes
 
 
 def check_format(adapter: str, file_format: str, *, text_encoders: bool, option: str = "format") -> None:

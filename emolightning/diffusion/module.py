@@ -339,7 +339,8 @@ class SDLoRAModule(pl.LightningModule):
             path = folder / f"lora-step{self.trainer.global_step}.{file_format}.safetensors"
             self.exported.append(self.export_lora(path, format=file_format, dtype=dtype))
             spec = self.adapter_spec
-            label = f"{spec.label} ({file_format}: {readers(spec.kind, file_format)})"
+            loads, *others = readers(spec.kind, file_format).split("\n")
+            label = "\n  ".join([f"{spec.label} ({file_format}: {loads})", *others])
             run_events(self.trainer).publish(label, self.exported[-1])
 
     # ---------------------------------------------------------------------------- step
