@@ -107,7 +107,10 @@ def main() -> None:
     parser.add_argument("--cache", choices=list(CACHE_NAMES), default="latents+text",
                         help="the cache mode of an adapter comparison")
     parser.add_argument("--preset", choices=list(TARGET_PRESETS), default="attention", help="target_preset")
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "emolightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -125,21 +128,27 @@ def main() -> None:
             for mode, adapter in candidates:
                 results[(mode, adapter)].append(
                     run(pretrained, images, mode, adapter, args, workdir / f"{mode}-{adapter}{round_index}"))
-    base = statistics.median(r[0] for r in results[candidates[0]])
+    # each ratio is paired: taken within each round (all candidates run in turn), then the median
+    # over the rounds, so a machine that slows down or speeds up moves both sides together
+    ratios = {c: statistics.median(v[0] / b[0] for v, b in zip(values, results[candidates[0]]))
+              for c, values in results.items()}
     name = args.pretrained or ("built-in tiny SDXL" if args.family == "sdxl" else "built-in tiny SD")
     what = f"cache {CACHE_NAMES[args.cache]}" if by_adapter else args.adapter[0]
     print(f"\n## SDLoRAModule training loop: {name}, {what}, {args.resolution}px, batch {args.batch_size}, "
           f"rank {args.rank}, target_preset {args.preset}, {args.precision}, {args.accelerator}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     memory = ("peak CUDA memory MiB" if args.accelerator != "cpu" and torch.cuda.is_available()
               else "process peak RSS so far MiB (CPU: not per candidate)")
     first, reference = ("adapter", args.adapter[0]) if by_adapter else ("cache", "no cache")
-    print(f"| {first} | steps/s (median of rounds) | vs {reference} | trainable parameters | {memory} |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| {first} | steps/s (median of rounds) | vs {reference} (median of per-round ratios) | per-round range "
+          f"| trainable parameters | {memory} |")
+    print("|---|---:|---:|---:|---:|---:|")
     for (mode, adapter), values in results.items():
         speed = statistics.median(v[0] for v in values)
         label = adapter if by_adapter else mode
-        print(f"| {label} | {speed:.2f} | {speed / base:.2f}x | {values[0][2]:,} | {max(v[1] for v in values):.0f} |")
+        per_round = [v[0] / b[0] for v, b in zip(values, results[candidates[0]])]
+        print(f"| {label} | {speed:.2f} | {ratios[(mode, adapter)]:.2f}x | {min(per_round):.2f}-{max(per_round):.2f}x "
+              f"| {values[0][2]:,} | {max(v[1] for v in values):.0f} |")
 
 
 if __name__ == "__main__":

@@ -187,8 +187,8 @@ class SDLoRAModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.adapter_spec = adapter_spec(adapter=adapter, rank=lora_rank, alpha=lora_alpha, lora_init=lora_init,
-                                    use_tucker=use_tucker, lokr_factor=lokr_factor,
-                                    lokr_decompose_both=lokr_decompose_both)
+                                         use_tucker=use_tucker, lokr_factor=lokr_factor,
+                                         lokr_decompose_both=lokr_decompose_both)
         unknown = set(export_formats or []) - set(FORMATS)
         if unknown:
             raise ValueError(f"model.export_formats: unknown format(s) {sorted(unknown)}; use 'kohya' and/or 'diffusers'")
