@@ -23,7 +23,6 @@ from torch import Tensor
 
 ADAPTERS = ("lora", "dora", "loha", "lokr")
 LABELS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
-LYCORIS_ADAPTERS = ("loha", "lokr")
 # the trainable tensors of each adapter layer, as peft names them after the module path (state
 # dicts drop the adapter name): these and nothing else go into the files
 LORA_TENSORS = ("lora_A.weight", "lora_B.weight")

@@ -3,6 +3,7 @@ exactly, stage and shadow files written through ``export_lora``, and the diffuse
 loaded by the real diffusers pipeline (images and fused weights against peft's merge)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,9 +95,14 @@ def test_each_adapter_puts_its_own_layers_on_the_networks(tiny_folder, adapter):
         torch.testing.assert_close(merged_weight(layer), layer.get_base_layer().weight, rtol=1e-6, atol=1e-7)
 
 
-def test_lokr_warns_when_a_factor_is_too_large_for_lycoris(tiny_folder):
+def test_settings_that_surprise_a_lycoris_user_are_explained(tiny_folder, caplog):
     with pytest.warns(UserWarning, match=r"model.lokr_factor=8 is above the square root of \d+ adapted layers"):
         SDLoRAModule(str(tiny_folder), adapter="lokr", lokr_factor=8)
+    with pytest.warns(UserWarning, match=r"model.use_tucker only changes conv layers .*='attention' puts the adapter"):
+        SDLoRAModule(str(tiny_folder), adapter="loha", use_tucker=True)
+    with caplog.at_level("INFO"):  # the tiny layers are small enough for rank 4 to make every factor full
+        SDLoRAModule(str(tiny_folder), adapter="lokr", lora_rank=4, lora_alpha=1)
+    assert re.search(r"\d+ LoKr layers hold both Kronecker factors as full matrices .* alpha/rank = 0.25", caplog.text)
 
 
 # --------------------------------------------------------------------------- training, resume
