@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 import torch
 
 from emolightning.data.shapes import SHAPES
+from emolightning.diffusion.adapters import is_adapter_parameter
 
 # Lightning resolves these ckpt_path values itself, from the run's own checkpoints
 _SPECIAL_CKPT_PATHS = ("best", "last", "hpc")
@@ -110,7 +111,7 @@ def _check_kind(checkpoint: Any, path: Path, option: str) -> None:
             what = f"a {type(checkpoint).__name__} without Lightning's keys, not a Lightning checkpoint"
         raise ValueError(f"{option}: {path} is {what}; {_RESUME_HINT}")
     hparams = checkpoint.get("hyper_parameters") or {}
-    if "lora_rank" not in hparams or "pretrained" not in hparams or not any(".lora_" in key for key in state):
+    if "lora_rank" not in hparams or "pretrained" not in hparams or not any(is_adapter_parameter(key) for key in state):
         kind = checkpoint.get("hparams_name") or "another LightningModule"
         raise ValueError(f"{option}: {path} is a Lightning checkpoint of another model ({kind}), not of an "
                          f"emolightning run (no SDLoRAModule hyperparameters and LoRA weights); {_RESUME_HINT}")

@@ -26,6 +26,7 @@ from emolightning._run_folders import RunFolderCare, new_log_dir, remove_unused_
 from emolightning._trainer import CLITrainer, ShareLogDir
 from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import DEFAULT_LR, SDLoRAModule
+from emolightning.diffusion.lora_files import check_format
 
 __all__ = ["EmoLightningCLI", "check_checkpoint", "check_data_root", "check_learning_rates", "export", "main",
            "read_checkpoint"]
@@ -160,7 +161,8 @@ def export(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written while training SDLoRAModule")
     parser.add_argument("--out", type=Path, required=True, help="the LoRA file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
+    parser.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
+                        help="kohya (every adapter) or diffusers (LoRA, DoRA; LoKr on the UNet alone)")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="fp32")
     parser.add_argument("--shadow", action="store_true", help="export ShadowCheckpoint's shadow weights instead")
     args = parser.parse_args(argv)
@@ -175,6 +177,9 @@ def export(argv: Optional[list[str]] = None) -> Path:
     checkpoint = read_checkpoint(args.checkpoint, option="CHECKPOINT")
     accepted = set(inspect.signature(SDLoRAModule.__init__).parameters) - {"self", "optimizer", "lr_scheduler"}
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
+    # before the base model loads: a format no program reads for this adapter
+    check_format(hparams.get("adapter", "lora"), args.format, text_encoders=bool(hparams.get("train_text_encoder")),
+                 option="--format")
     module = SDLoRAModule(**hparams)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     weights = None

@@ -5,7 +5,8 @@ Two steps, two Python environments:
 
     # 1. with the project's environment: tiny SD 1.x and SDXL bases, one module each with random
     #    LoRA weights (alpha 3, rank 4: scale 0.75), both file formats, and the merged weights
-    #    W + (alpha/rank)·B·A of every LoRA layer
+    #    W + (alpha/rank)·B·A of every LoRA layer; the same with DoRA in the diffusers format
+    #    (the other DoRA, LoHa and LoKr files no diffusers release loads into these pipelines)
     .venv/bin/python scripts/check_lora_loaders.py export /tmp/lora-check
     # 2. with the other environment (needs only torch, diffusers, transformers, peft, safetensors)
     /tmp/oldvenv/bin/python scripts/check_lora_loaders.py load /tmp/lora-check
@@ -24,33 +25,34 @@ import traceback
 from pathlib import Path
 
 FAMILIES = ("sd1", "sdxl")
-FORMATS = ("kohya", "diffusers")
+# (adapter, file format): the files diffusers' load_lora_weights takes
+FILES = (("lora", "kohya"), ("lora", "diffusers"), ("dora", "diffusers"))
 RANK, ALPHA = 4, 3.0
 
 
 def export(folder: Path) -> None:
-    from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
 
     from emolightning.diffusion import SDLoRAModule
+    from emolightning.diffusion.adapters import adapter_layers, merged_weight
     from emolightning.diffusion.tiny import build_tiny_sd, build_tiny_sdxl, randomize_lora
 
     for family in FAMILIES:
         base = (build_tiny_sdxl if family == "sdxl" else build_tiny_sd)(folder / f"base-{family}")
-        module = randomize_lora(SDLoRAModule(str(base), lora_rank=RANK, lora_alpha=ALPHA, train_text_encoder=True,
-                                             target_preset="all"))
-        merged = {}
-        networks = {"unet": module.unet, "text_encoder": module.text_encoder, "text_encoder_2": module.text_encoder_2}
-        for name, network in ((n, m) for n, m in networks.items() if m is not None):
-            for path, layer in network.named_modules():
-                if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+        for adapter in sorted({a for a, _ in FILES}):
+            module = randomize_lora(SDLoRAModule(str(base), adapter=adapter, lora_rank=RANK, lora_alpha=ALPHA,
+                                                 train_text_encoder=True, target_preset="all"))
+            merged = {}
+            networks = {"unet": module.unet, "text_encoder": module.text_encoder,
+                        "text_encoder_2": module.text_encoder_2}
+            for name, network in ((n, m) for n, m in networks.items() if m is not None):
+                for path, layer in adapter_layers(network).items():  # peft's own merge of each layer
                     canonical = path if name == "unet" or path.startswith("text_model.") else f"text_model.{path}"
-                    merged[f"{name}/{canonical}"] = (layer.get_base_layer().weight
-                                                     + layer.get_delta_weight("default")).detach().contiguous()
-        save_file(merged, str(folder / f"merged-{family}.safetensors"))
-        for file_format in FORMATS:
-            module.export_lora(folder / f"{family}.{file_format}.safetensors", format=file_format)
-        print(f"{family}: {len(merged)} LoRA layers, base in {base}")
+                    merged[f"{name}/{canonical}"] = merged_weight(layer).contiguous()
+            save_file(merged, str(folder / f"merged-{family}.{adapter}.safetensors"))
+            for file_format in (f for a, f in FILES if a == adapter):
+                module.export_lora(folder / f"{family}.{adapter}.{file_format}.safetensors", format=file_format)
+            print(f"{family} {adapter}: {len(merged)} layers, base in {base}")
 
 
 def _image(pipe, family: str):
@@ -86,14 +88,14 @@ def _pipeline(pipeline_class, base: Path):
     return pipe
 
 
-def _check(folder: Path, family: str, file_format: str) -> str:
+def _check(folder: Path, family: str, adapter: str, file_format: str) -> str:
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     base = folder / f"base-{family}"
-    merged = load_file(str(folder / f"merged-{family}.safetensors"))
+    merged = load_file(str(folder / f"merged-{family}.{adapter}.safetensors"))
 
     reference = _pipeline(pipeline_class, base)
     plain = {key: _layer(getattr(reference, key.split("/")[0]), key.split("/")[1]).weight.detach().clone()
@@ -105,7 +107,7 @@ def _check(folder: Path, family: str, file_format: str) -> str:
     expected_image = _image(reference, family)
 
     loaded = _pipeline(pipeline_class, base)
-    loaded.load_lora_weights(str(folder / f"{family}.{file_format}.safetensors"))
+    loaded.load_lora_weights(str(folder / f"{family}.{adapter}.{file_format}.safetensors"))
     image_error = (_image(loaded, family) - expected_image).abs().max().item()
     loaded.fuse_lora()
     worst, scales = 0.0, []
@@ -117,7 +119,7 @@ def _check(folder: Path, family: str, file_format: str) -> str:
         scales.append((got @ delta / (delta @ delta)).item())  # the scale the loader applied, relative
         worst = max(worst, ((fused - weight).abs().max() / delta.abs().max()).item())
     ok = image_error <= 1e-5 and worst <= 1e-4  # fp32 rounding of W + delta is ~1e-5 of the delta here
-    return (f"{'ok  ' if ok else 'FAIL'} {family} {file_format}: image max diff {image_error:.2e}, fused weights "
+    return (f"{'ok  ' if ok else 'FAIL'} {family} {adapter} {file_format}: image max diff {image_error:.2e}, fused weights "
             f"max error {worst:.2e} of the LoRA delta, applied/trained scale {min(scales):.4f}..{max(scales):.4f} "
             f"over {len(scales)} layers")
 
@@ -132,11 +134,11 @@ def load(folder: Path) -> int:
           f"peft {peft.__version__}")
     failures = 0
     for family in FAMILIES:
-        for file_format in FORMATS:
+        for adapter, file_format in FILES:
             try:
-                line = _check(folder, family, file_format)
+                line = _check(folder, family, adapter, file_format)
             except Exception as error:  # report every file, then fail
-                line = f"FAIL {family} {file_format}: {type(error).__name__}: {str(error)[:300]}"
+                line = f"FAIL {family} {adapter} {file_format}: {type(error).__name__}: {str(error)[:300]}"
                 traceback.print_exc(limit=2, file=sys.stderr)
             failures += line.startswith("FAIL")
             print(line, flush=True)

@@ -31,7 +31,9 @@ PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emo
             "emolightning.diffusion", "emolightning.data", "emolightning.batch", "emolightning.cli"]
 EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl", "randomize_lora"],
          "emolightning.diffusion.single_file": ["detect_family", "load_single_file"],
-         "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"]}
+         "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"],
+         "emolightning.diffusion.adapters": ["AdapterSpec", "adapter_spec"],
+         "emolightning.diffusion.lora_files": ["readers"]}
 SECTIONS = ("Args", "Arguments", "Attributes", "Returns", "Raises", "Example", "Examples", "Note", "Notes")
 LISTS = ("Args", "Arguments", "Attributes")  # sections whose entries are "name: text"
 # Lightning calls these hooks itself; a user never does, so they are not listed as methods

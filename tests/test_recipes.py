@@ -18,7 +18,7 @@ TINY = ["--model.pretrained=builtin:tiny", "--data.root=builtin:shapes", "--data
 
 def test_there_are_recipes():
     assert [p.name for p in RECIPES] == ["multi-gpu-ddp.yaml", "quickstart.yaml", "sd15-lora.yaml", "sd2-v-lora.yaml",
-                                         "sdxl-lora-12gb.yaml", "sdxl-lora-emosens.yaml", "sdxl-lora.yaml"]
+                                         "sdxl-lokr.yaml", "sdxl-lora-12gb.yaml", "sdxl-lora-emosens.yaml", "sdxl-lora.yaml"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -45,6 +45,10 @@ def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
     if "sdxl" in recipe.stem:
         assert module.family == "sdxl" and module.hparams.cache_text_embeddings
         assert "resolution: 1024" in text and not cli.datamodule.hparams.shuffle_tags
+    if "lokr" in recipe.stem:
+        assert module.adapter_spec.kind == "lokr" and module.adapter_spec.lokr_factor == 8
+        assert any(".lokr_w1." in name for name, p in module.named_parameters() if p.requires_grad)
+        assert cli.model.hparams.export_formats == ["kohya", "diffusers"]
     if "multi-gpu" in recipe.stem:
         assert "strategy: ddp" in text and "use_distributed_sampler: false" in text
 

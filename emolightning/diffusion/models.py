@@ -1,4 +1,5 @@
-"""Loading a Stable Diffusion base model and adding LoRA adapters to it."""
+"""Loading a Stable Diffusion base model, and the layers adapters go on (the adapters themselves:
+:mod:`emolightning.diffusion.adapters`)."""
 
 from __future__ import annotations
 
@@ -159,16 +160,8 @@ def check_diffusers_folder(folder: Path, *, sdxl: bool) -> None:
             "or a full download of the model writes them; download or copy the missing parts")
 
 
-def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...], init: Any) -> None:
-    """Freeze ``model`` and add a trainable peft LoRA adapter (``"default"``) to ``targets``."""
-    from peft import LoraConfig
-
-    model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init)
-    model.add_adapter(config)
-
-
 def lora_state_dict(model: torch.nn.Module, state_dict: Optional[dict] = None) -> dict:
+    """peft's state dict of ``model``'s adapter (any kind), from ``state_dict`` when given."""
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, state_dict=state_dict)

@@ -1,7 +1,8 @@
-"""SDLoRAModule: LoRA fine-tuning of Stable Diffusion 1.x/2.x and SDXL as a LightningModule.
+"""SDLoRAModule: LoRA (or DoRA, LoHa, LoKr) fine-tuning of Stable Diffusion 1.x/2.x and SDXL as a
+LightningModule.
 
-The training step is here; the parts it uses live beside it: loading and LoRA adapters
-(``models``), the noise and loss math (``noise``), text conditioning and its cache
+The training step is here; the parts it uses live beside it: loading (``models``), the adapters
+(``adapters``), the noise and loss math (``noise``), text conditioning and its cache
 (``conditioning``), the latent cache, sampling (``sampling``) and LoRA files (``lora_files``).
 The batches follow :mod:`emolightning.batch`.
 """
@@ -15,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from emolightning.batch import (
@@ -31,13 +33,15 @@ from emolightning.batch import (
     default_time_ids,
     tokenize,
 )
+from emolightning.diffusion.adapters import (add_adapter, adapter_spec, full_kronecker_layers,
+                                            lycoris_unloadable_layers)
 from emolightning.diffusion.conditioning import TextEmbeddingCache, sdxl_text_embeddings
 from emolightning.diffusion.export import kohya_metadata
 from emolightning.diffusion.latent_cache import LatentCache, vae_fingerprint
-from emolightning.diffusion.lora_files import (FORMATS, READERS, training_metadata, write_diffusers_lora,
-                                               write_kohya_lora)
+from emolightning.diffusion.lora_files import (FORMATS, check_format, readers, training_metadata,
+                                               write_diffusers_lora, write_kohya_lora)
 from emolightning.diffusion.metrics import DenoisingLoss
-from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components
+from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, load_components
 from emolightning.diffusion.noise import (
     diffusion_loss,
     latent_mask,
@@ -60,7 +64,8 @@ DROPPED_CAPTION_EMBEDDINGS = ("empty_prompt", "zeros")
 
 
 class SDLoRAModule(pl.LightningModule):
-    """Train LoRA adapters on a frozen Stable Diffusion 1.x/2.x or SDXL model.
+    """Train LoRA adapters (or DoRA, LoHa, LoKr: ``adapter``) on a frozen Stable Diffusion 1.x/2.x
+    or SDXL model.
 
     Batches are dicts with ``input_ids`` (tokenised captions) and either ``pixel_values``
     (images in [-1, 1]) or ``latents`` (already VAE-encoded and scaled). SDXL also takes
@@ -88,11 +93,24 @@ class SDLoRAModule(pl.LightningModule):
             there is no other source for them; its weight files are not needed).
         model_family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: read from the model.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``; default: the model's scheduler.
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha (scale = alpha / rank); default: the rank.
+        adapter: ``"lora"`` (the default), ``"dora"`` (LoRA with a trained magnitude per output
+            channel), ``"loha"`` (a Hadamard product of two low-rank products) or ``"lokr"``
+            (a Kronecker product of a small and a low-rank factor); peft's implementations.
+            docs/sd-lora.md, "Other adapters", says which program loads which.
+        lora_rank: the adapter's rank.
+        lora_alpha: its alpha (scale = alpha / rank); default: the rank.
         target_preset: ``"attention"``, ``"attention_ff"`` or ``"all"`` (LoCon: ResNet convs too).
-        lora_init: peft's ``init_lora_weights`` (``"gaussian"``, ``True`` for Kaiming, ``"pissa"``...).
-        train_text_encoder: also put LoRA on the text encoders' attention (both, for SDXL).
+        lora_init: LoRA/DoRA: peft's ``init_lora_weights`` (default ``"gaussian"``; ``True`` for
+            Kaiming, ``"pissa"``...).
+        use_tucker: LoHa: keep k×k conv kernels (``target_preset="all"``) as a Tucker core
+            instead of flattening them into the factors (fewer parameters; LyCORIS's
+            ``use_tucker``, peft's ``use_effective_conv2d``); default off. (LoKr convs are always
+            flattened: Tucker LoKr files do not load in ComfyUI.)
+        lokr_factor: LoKr: the size of the small Kronecker factor (the largest divisor of each
+            layer dimension not above it, e.g. 8); default -1, the most square split.
+        lokr_decompose_both: LoKr: write the small factor as a rank-``lora_rank`` product too
+            when the rank is below half its size; default off.
+        train_text_encoder: also put the adapter on the text encoders' attention (both, for SDXL).
         text_encoder_lr: their learning rate (default: the optimizer's).
         text_encoder_2_lr: SDXL's second text encoder's learning rate (default: ``text_encoder_lr``).
         optimizer: builds the optimizer from param groups (default:
@@ -154,10 +172,14 @@ class SDLoRAModule(pl.LightningModule):
         base_config: Optional[str] = None,
         model_family: Optional[str] = None,
         prediction_type: Optional[str] = None,
+        adapter: str = "lora",
         lora_rank: int = 16,
         lora_alpha: Optional[float] = None,
         target_preset: str = "attention",
-        lora_init: Union[str, bool] = "gaussian",
+        lora_init: Union[str, bool, None] = None,
+        use_tucker: Optional[bool] = None,
+        lokr_factor: Optional[int] = None,
+        lokr_decompose_both: Optional[bool] = None,
         train_text_encoder: bool = False,
         text_encoder_lr: Optional[float] = None,
         text_encoder_2_lr: Optional[float] = None,
@@ -186,17 +208,18 @@ class SDLoRAModule(pl.LightningModule):
         export_half: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(lora_rank, int) or lora_rank < 1:
-            raise ValueError(f"model.lora_rank must be a positive integer, got {lora_rank!r}")
+        self.adapter_spec = adapter_spec(adapter=adapter, rank=lora_rank, alpha=lora_alpha, lora_init=lora_init,
+                                         use_tucker=use_tucker, lokr_factor=lokr_factor,
+                                         lokr_decompose_both=lokr_decompose_both)
         unknown = set(export_formats or []) - set(FORMATS)
         if unknown:
             raise ValueError(f"model.export_formats: unknown format(s) {sorted(unknown)}; use 'kohya' and/or 'diffusers'")
+        for file_format in export_formats or []:
+            check_format(adapter, file_format, text_encoders=train_text_encoder, option="model.export_formats")
         if cache_latents not in ("none", "memory", "disk"):
             raise ValueError(f"model.cache_latents must be 'none', 'memory' or 'disk', got {cache_latents!r}")
         if target_preset not in TARGET_PRESETS:
             raise ValueError(f"model.target_preset must be one of {sorted(TARGET_PRESETS)}, got {target_preset!r}")
-        if lora_alpha is not None and not lora_alpha > 0:
-            raise ValueError(f"model.lora_alpha must be positive, got {lora_alpha!r}")
         if dropped_caption_embedding not in DROPPED_CAPTION_EMBEDDINGS:
             raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or 'zeros', got "
                              f"{dropped_caption_embedding!r}")
@@ -208,7 +231,7 @@ class SDLoRAModule(pl.LightningModule):
             if self.hparams[key] is not None:
                 self.hparams[key] = str(self.hparams[key])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        self.lora_alpha = self.adapter_spec.alpha
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         parts = load_components(pretrained, model_family, base_config)
         self.family = parts.family
@@ -223,13 +246,13 @@ class SDLoRAModule(pl.LightningModule):
         self.vae.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # the same seed gives the same LoRA initialisation
             torch.manual_seed(seed)
-            add_lora(self.unet, rank=lora_rank, alpha=self.lora_alpha, targets=TARGET_PRESETS[target_preset],
-                     init=lora_init)
+            add_adapter(self.unet, self.adapter_spec, TARGET_PRESETS[target_preset])
             for encoder in self.text_encoders:
                 if train_text_encoder:
-                    add_lora(encoder, rank=lora_rank, alpha=self.lora_alpha, targets=TEXT_TARGETS, init=lora_init)
+                    add_adapter(encoder, self.adapter_spec, TEXT_TARGETS)
                 else:
                     encoder.requires_grad_(False)
+        self._explain_adapter()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -252,6 +275,29 @@ class SDLoRAModule(pl.LightningModule):
     def text_encoders(self) -> list[torch.nn.Module]:
         """The text encoders: one, or SDXL's two."""
         return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    def _explain_adapter(self) -> None:
+        """Say what an adapter setting leads to when it differs from what a user of LyCORIS expects."""
+        spec = self.adapter_spec
+        if spec.use_tucker and self.hparams.target_preset != "all":
+            rank_zero_warn("model.use_tucker only changes conv layers with k×k kernels, and "
+                           f"model.target_preset={self.hparams.target_preset!r} puts the adapter on none; use "
+                           "target_preset 'all' or leave use_tucker unset")
+        if spec.kind == "lokr":
+            unloadable = [path for network in self._lora_networks().values()
+                          for path in lycoris_unloadable_layers(network)]
+            if unloadable:
+                rank_zero_warn(f"model.lokr_factor={spec.lokr_factor} is above the square root of {len(unloadable)} "
+                               f"adapted layers' sizes (e.g. {unloadable[0]}): peft makes the small Kronecker "
+                               "factor the larger one there, and LyCORIS (kohya sd-scripts) cannot load those layers "
+                               "from the file (ComfyUI can). Use a smaller lokr_factor, or -1")
+            full = [path for network in self._lora_networks().values() for path in full_kronecker_layers(network)]
+            if full and spec.alpha != spec.rank:
+                rank_zero_info(f"{len(full)} LoKr layers hold both Kronecker factors as full matrices (model.lora_rank "
+                               f"{spec.rank} is at least half of each factor's size); peft scales them by alpha/rank = "
+                               f"{spec.alpha / spec.rank:g} like the others, where LyCORIS would use 1. The exported "
+                               "files hold peft's scale. For LyCORIS-style full-matrix LoKr set lora_alpha equal to "
+                               "lora_rank; for factored layers use a smaller rank or a larger lokr_factor")
 
     def tokenizers(self) -> tuple[Any, Optional[Any]]:
         """The tokenizer, and SDXL's second one (``None`` otherwise): what a data module without
@@ -322,7 +368,10 @@ class SDLoRAModule(pl.LightningModule):
         for file_format in self.hparams.export_formats:
             path = folder / f"lora-step{self.trainer.global_step}.{file_format}.safetensors"
             self.exported.append(self.export_lora(path, format=file_format, dtype=dtype))
-            run_events(self.trainer).publish(f"LoRA ({file_format}: {READERS[file_format]})", self.exported[-1])
+            spec = self.adapter_spec
+            loads, *others = readers(spec.kind, file_format).split("\n")
+            label = "\n  ".join([f"{spec.label} ({file_format}: {loads})", *others])
+            run_events(self.trainer).publish(label, self.exported[-1])
 
     # ---------------------------------------------------------------------------- step
     def encode_text(self, input_ids: Tensor, input_ids_2: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -556,7 +605,7 @@ class SDLoRAModule(pl.LightningModule):
     # --------------------------------------------------------------------------- export
     def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None,
                     format: str = "kohya", dtype: Optional[torch.dtype] = None) -> Path:
-        """Write the LoRA as one ``.safetensors`` file, to a temporary name first.
+        """Write the adapter as one ``.safetensors`` file, to a temporary name first.
 
         Args:
             path: the file to write.
@@ -564,24 +613,31 @@ class SDLoRAModule(pl.LightningModule):
                 live ones.
             format: ``"kohya"`` (``lora_unet_…``/``lora_te_…`` keys, for SDXL ``lora_te1_…``/
                 ``lora_te2_…`` and SGM UNet names as kohya's own SDXL files; float alpha; ``ss_*``
-                and ``modelspec.*`` metadata: loads in ComfyUI, AUTOMATIC1111, kohya sd-scripts and
-                diffusers) or ``"diffusers"`` (``unet.…``/``text_encoder.…`` keys in the layout
-                both diffusers and ComfyUI map, the scale ``alpha / rank`` multiplied into the up
-                matrices: loads in diffusers 0.32 and later and in ComfyUI, not in AUTOMATIC1111
-                or kohya sd-scripts).
+                and ``modelspec.*`` metadata; DoRA, LoHa and LoKr in the LyCORIS layout) or
+                ``"diffusers"`` (``unet.…``/``text_encoder.…`` keys, the scale ``alpha / rank``
+                multiplied in; LoRA, DoRA, and LoKr on the UNet alone). Which program reads which:
+                LoRA kohya files load in ComfyUI, AUTOMATIC1111, kohya sd-scripts and diffusers,
+                LoRA diffusers files in diffusers 0.32 and later and in ComfyUI; for the other
+                adapters see :func:`~emolightning.diffusion.lora_files.readers` and
+                docs/sd-lora.md.
             dtype: e.g. ``torch.float16`` for a half-size file.
+
+        Raises:
+            ValueError: an unknown format, or one no program loads for this adapter (LoHa in
+                the diffusers format; LoKr there with text encoders).
         """
-        if format not in FORMATS:
-            raise ValueError(f"export format must be 'kohya' or 'diffusers', got {format!r}")
+        spec = self.adapter_spec
+        check_format(spec.kind, format, text_encoders=self.hparams.train_text_encoder)
         path = Path(path)
         networks = self._lora_networks()
         if format == "diffusers":
             return write_diffusers_lora(path, networks, family=self.family, weights=weights, dtype=dtype)
+        conv = self.hparams.target_preset == "all"
         metadata = kohya_metadata(
-            rank=self.hparams.lora_rank, alpha=self.lora_alpha, conv=self.hparams.target_preset == "all",
-            family=self.family, prediction_type=self.noise_scheduler.config.prediction_type, title=path.stem,
-            extra=self._training_metadata())
-        return write_kohya_lora(path, networks, family=self.family, alpha=self.lora_alpha, metadata=metadata,
+            rank=spec.rank, alpha=spec.alpha, conv=conv, family=self.family,
+            prediction_type=self.noise_scheduler.config.prediction_type, title=path.stem,
+            extra=self._training_metadata(), network_module=spec.network_module(), network_args=spec.network_args(conv))
+        return write_kohya_lora(path, networks, family=self.family, alpha=spec.alpha, metadata=metadata,
                                 weights=weights, dtype=dtype)
 
     def _training_metadata(self) -> dict[str, Any]:

@@ -7,21 +7,22 @@ unchanged from diffusers 0.30 to 0.42). The installed diffusers loads the files 
 test_module.py and test_sdxl.py; ``scripts/check_lora_loaders.py`` runs other installations."""
 
 import json
-import re
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.utils.peft_utils import get_peft_kwargs
 from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
                                               convert_unet_state_dict_to_peft)
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from emolightning.diffusion import SDLoRAModule
 from emolightning.diffusion.tiny import build_tiny_sd, build_tiny_sdxl, randomize_lora
+from tests.diffusion.loader_rules import COMFY_LORA_PAIRS
+from tests.diffusion.loader_rules import comfy_key_map as _comfy_key_map
+from tests.diffusion.loader_rules import fresh as _fresh
+from tests.diffusion.loader_rules import networks as _networks
+from tests.diffusion.loader_rules import read as _read
 
 ALPHA, RANK = 3.0, 4  # scale 0.75: a loader that ignores alpha (scale 1) or uses the rank shows
 
@@ -35,16 +36,6 @@ def trained(request, tmp_path_factory):
     return folder, randomize_lora(module)
 
 
-def _networks(module):
-    found = {"unet": module.unet, "text_encoder": module.text_encoder, "text_encoder_2": module.text_encoder_2}
-    return {name: network for name, network in found.items() if network is not None}
-
-
-def _read(path):
-    with safe_open(path, "pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
-
-
 def _trained_deltas(module):
     """Every LoRA layer's trained weight change, (alpha/rank)·B·A, by network and module path
     (text-encoder paths from ``text_model.``, as transformers 4 names them)."""
@@ -56,13 +47,6 @@ def _trained_deltas(module):
                     path = f"text_model.{path}"
                 deltas[(name, path)] = layer.get_delta_weight("default").detach()
     return deltas
-
-
-def _fresh(folder, name):
-    if name == "unet":
-        return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    return (CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel).from_pretrained(
-        folder, subfolder=name)
 
 
 def _without_text_model_level(network, state, config):
@@ -170,64 +154,6 @@ def test_diffusers_034_to_040_rebuild_the_adapters_from_the_header(trained, tmp_
 
 
 # ----------------------------------------------------------------------------------- ComfyUI
-# comfy/lora.py LORA_CLIP_MAP: the text-encoder layers ComfyUI knows, diffusers path -> kohya part
-COMFY_CLIP_LAYERS = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
-                     "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
-                     "self_attn.out_proj": "self_attn_out_proj"}
-# comfy/utils.py unet_to_diffusers (UNET_MAP_RESNET, UNET_MAP_ATTENTIONS, TRANSFORMER_BLOCKS,
-# UNET_MAP_BASIC and the samplers): the diffusers UNet weights ComfyUI has a name for
-COMFY_UNET_WEIGHTS = re.compile(
-    r"^((down_blocks|up_blocks)\.\d+\.|mid_block\.)("
-    r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut|norm1|norm2)"
-    r"|attentions\.\d+\.(proj_in|proj_out|norm)"
-    r"|attentions\.\d+\.transformer_blocks\.\d+\."
-    r"(norm[123]|attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
-    r"|(downsamplers|upsamplers)\.0\.conv)\.weight$"
-    r"|^(conv_in|conv_out|conv_norm_out|time_embedding\.linear_[12]|add_embedding\.linear_[12])\.weight$")
-# comfy/weight_adapter/lora.py LoRAAdapter.load: (up, down) name pairs it tries after the layer's
-# name, in its order
-COMFY_LORA_PAIRS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
-                    (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
-                    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))
-
-
-def _comfy_key_map(module):
-    """ComfyUI's names for the layers of ``module``'s networks, to (network, diffusers path).
-
-    comfy/lora.py ``model_lora_keys_unet``: each UNet weight ``unet_to_diffusers`` names is known
-    as ``lora_unet_<diffusers path with _>``, and for diffusers files as ``<path>`` and
-    ``unet.<path>``, both with ``.to_`` replaced by ``.processor.to_`` and a final ``.to_out.0``
-    cut to ``.to_out``; every original (SGM) weight also as ``lora_unet_<SGM path with _>``.
-    ``model_lora_keys_clip``: layer ``b`` of the first CLIP as ``lora_te_text_model_encoder_layers_
-    <b>_<part>`` and ``lora_te1_…`` and ``text_encoder.text_model.encoder.layers.<b>.<path>``, of
-    SDXL's second as ``lora_te2_…`` and ``text_encoder_2.text_model.…``."""
-    from emolightning.diffusion.sgm_names import unet_path_to_sgm
-
-    key_map = {}
-    for parameter, _ in module.unet.named_parameters():
-        parameter = parameter.replace(".base_layer.", ".")
-        if ".lora_" in parameter or not COMFY_UNET_WEIGHTS.match(parameter):
-            continue
-        path = parameter[: -len(".weight")]
-        key_map[f"lora_unet_{path.replace('.', '_')}"] = ("unet", path)
-        key_map[f"lora_unet_{unet_path_to_sgm(path, module.unet.config).replace('.', '_')}"] = ("unet", path)
-        diffusers_name = path.replace(".to_", ".processor.to_")
-        if diffusers_name.endswith(".to_out.0"):
-            diffusers_name = diffusers_name[: -len(".0")]
-        key_map[diffusers_name] = key_map[f"unet.{diffusers_name}"] = ("unet", path)
-    for name in _networks(module):
-        if name == "unet":
-            continue
-        kohya = ["lora_te2_"] if name == "text_encoder_2" else ["lora_te_", "lora_te1_"]
-        for b in range(getattr(module, name).config.num_hidden_layers):
-            for path, part in COMFY_CLIP_LAYERS.items():
-                target = (name, f"text_model.encoder.layers.{b}.{path}")
-                key_map[f"{name}.text_model.encoder.layers.{b}.{path}"] = target
-                for prefix in kohya:
-                    key_map[f"{prefix}text_model_encoder_layers_{b}_{part}"] = target
-    return key_map
-
-
 def _comfy_load(tensors, key_map):
     """comfy/lora.py ``load_lora`` with comfy/weight_adapter/lora.py: for each known name ``x``,
     the alpha from ``x.alpha`` (else none), the first (up, down) pair present; the change is
