@@ -10,8 +10,12 @@ printed beside them. On Linux, a round during which other processes kept the CPU
 ``--max-busy`` busy is discarded and run again (on a shared machine they would otherwise
 decide the result); the counts are printed.
 
-    python benchmarks/optimizer_step.py                 # both sets, every path
+    python benchmarks/optimizer_step.py                 # both sets, every optimizer and path
     python benchmarks/optimizer_step.py --sets lora --paths fused compiled --rounds 31
+    python benchmarks/optimizer_step.py --optimizers EmoSens EmoAiry EmoCats EmoTion EmoVoid
+
+The EmoSens family (EmoSens, EmoAiry, EmoCats, EmoTion, EmoVoid) runs at emoScope 1.0, the
+others at lr 1e-4; a falling loss changes emoDrive or emoPulse from step to step.
 
 Paths: ``loop`` (per tensor), ``foreach``, ``fused`` (``fused=True``: on the CPU the native C++
 kernels) and ``compiled`` (``fused=True`` with the native kernels off: the ``torch.compile``-d
@@ -24,6 +28,7 @@ elements); ``large``: 8 tensors of 2048x2048 (33.5M elements).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -32,9 +37,22 @@ from typing import Callable
 
 import torch
 
-from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi, _native
+from emolightning.optim import (
+    EmoAiry,
+    EmoCats,
+    EmoClan,
+    EmoFact,
+    EmoLynx,
+    EmoNavi,
+    EmoPulseOptimizer,
+    EmoSens,
+    EmoTion,
+    EmoVoid,
+    _native,
+)
 
-EMO = {"EmoNavi": EmoNavi, "EmoFact": EmoFact, "EmoLynx": EmoLynx, "EmoClan": EmoClan}
+EMO = {"EmoNavi": EmoNavi, "EmoFact": EmoFact, "EmoLynx": EmoLynx, "EmoClan": EmoClan,
+       "EmoSens": EmoSens, "EmoAiry": EmoAiry, "EmoCats": EmoCats, "EmoTion": EmoTion, "EmoVoid": EmoVoid}
 PATHS = ["loop", "foreach", "fused", "compiled"]
 
 
@@ -59,7 +77,7 @@ def make_params(shapes) -> list[torch.nn.Parameter]:
     return params
 
 
-def candidates(paths: list[str]) -> dict[str, Callable]:
+def candidates(paths: list[str], names: list[str]) -> dict[str, Callable]:
     out: dict[str, Callable] = {
         "AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
         "AdamW(foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
@@ -73,11 +91,18 @@ def candidates(paths: list[str]) -> dict[str, Callable]:
         print("pytorch-optimizer is not installed: its port is left out (pip install pytorch-optimizer)")
     options = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
                "compiled": {"fused": True}}
-    for name, cls in EMO.items():
+    for name in names:
         for path in paths:
-            out[f"{name}({path})"] = (lambda cls, kw, path: lambda ps: _mark(cls(ps, lr=1e-4, **kw), path))(
-                cls, options[path], path)
+            out[f"{name}({path})"] = functools.partial(_build, EMO[name], path, options[path])
     return out
+
+
+def _build(cls: type, path: str, options: dict, params: list):
+    if issubclass(cls, EmoPulseOptimizer):
+        optimizer = cls(params, lr=1.0, notify=False, **options)  # lr is emoScope
+    else:
+        optimizer = cls(params, lr=1e-4, **options)
+    return _mark(optimizer, path)
 
 
 def _mark(optimizer, path: str):
@@ -108,10 +133,10 @@ def _cpu_ticks() -> tuple[float, float]:
     return busy / os.sysconf("SC_CLK_TCK"), own
 
 
-def bench_set(name: str, paths: list[str], rounds: int, steps: int, max_busy: float) -> None:
+def bench_set(name: str, paths: list[str], names: list[str], rounds: int, steps: int, max_busy: float) -> None:
     shapes = SETS[name]()
     built = {}
-    for label, factory in candidates(paths).items():
+    for label, factory in candidates(paths, names).items():
         params = make_params(shapes)
         optimizer = factory(params)
         start = time.perf_counter()
@@ -157,7 +182,7 @@ def bench_set(name: str, paths: list[str], rounds: int, steps: int, max_busy: fl
               f"{min(ratios):.2f}-{max(ratios):.2f}x | "
               f"{statistics.median(paired('AdamW(foreach)', label)):.2f}x | {first:.1f} | "
               f"{state_bytes_per_element(optimizer, params):.1f} |")
-    for family in EMO:
+    for family in names:
         for path in paths:
             label, port = f"{family}({path})", f"pytorch_optimizer.{family}"
             if port in times:
@@ -186,6 +211,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
                         help="fused: fused=True (on the CPU: the native kernels); compiled: "
                              "fused=True with the native kernels off (the torch.compile-d update)")
+    parser.add_argument("--optimizers", nargs="+", default=list(EMO), choices=list(EMO),
+                        help="the Emo optimizers to measure (AdamW and the port are always measured)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max-busy", type=float, default=0.1,
@@ -194,7 +221,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in args.sets:
-        bench_set(name, args.paths, args.rounds, args.steps, args.max_busy)
+        bench_set(name, args.paths, args.optimizers, args.rounds, args.steps, args.max_busy)
 
 
 if __name__ == "__main__":

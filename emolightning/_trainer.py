@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from emolightning.callbacks._util import release_gloo_group_at_exit
+from emolightning._distributed import release_gloo_group_at_exit
 
 
 class CLITrainer(pl.Trainer):

@@ -1,8 +1,9 @@
 """Write docs/api.md, the API reference, from the public names' signatures and docstrings.
 
 The public names are each package's ``__all__`` (``emolightning``, ``emolightning.optim``,
-``emolightning.callbacks``, ``emolightning.diffusion``, ``emolightning.data``), the CLI module's
-``__all__`` and the helpers in ``EXTRA``. Run it after changing a public docstring:
+``emolightning.callbacks``, ``emolightning.run``, ``emolightning.diffusion``, ``emolightning.data``,
+``emolightning.batch``), the CLI module's ``__all__`` and the helpers in ``EXTRA``. A constant is
+documented by the string written under its assignment. Run it after changing a public docstring:
 
     python scripts/gen_api_docs.py            # rewrite docs/api.md
     python scripts/gen_api_docs.py --check    # exit 1 if docs/api.md is out of date
@@ -11,11 +12,13 @@ The public names are each package's ``__all__`` (``emolightning``, ``emolightnin
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
 import inspect
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,13 @@ from lightning.pytorch.cli import LightningCLI
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "api.md"
-PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.diffusion",
-            "emolightning.data", "emolightning.cli"]
-EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl"],
+PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.run",
+            "emolightning.diffusion", "emolightning.data", "emolightning.batch", "emolightning.cli"]
+EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl", "randomize_lora"],
          "emolightning.diffusion.single_file": ["detect_family", "load_single_file"],
-         "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"]}
+         "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"],
+         "emolightning.diffusion.adapters": ["AdapterSpec", "adapter_spec"],
+         "emolightning.diffusion.lora_files": ["readers"]}
 SECTIONS = ("Args", "Arguments", "Attributes", "Returns", "Raises", "Example", "Examples", "Note", "Notes")
 LISTS = ("Args", "Arguments", "Attributes")  # sections whose entries are "name: text"
 # Lightning calls these hooks itself; a user never does, so they are not listed as methods
@@ -42,7 +47,9 @@ by hand. Guides: [optimizers](optimizers.md), [callbacks](callbacks.md),
 
 The command line: `emolightning fit|validate --config RECIPE [--model.X=…] [--data.X=…]
 [--trainer.X=…]` (LightningCLI over `SDLoRAModule` and `ImageCaptionDataModule`; `--help` and
-`--print_config` list every option) and `emolightning export CHECKPOINT --out FILE`.
+`--print_config` list every option) and `emolightning export CHECKPOINT --out FILE [--overwrite]`.
+The kit's errors about bad input end the command with one line, `error: <message>` (exit
+status 1; `EMOLIGHTNING_DEBUG=1` shows the traceback).
 """
 
 
@@ -142,6 +149,10 @@ def _members(cls: type) -> list[tuple[str, Any]]:
     for owner in _HOOK_OWNERS:
         if issubclass(cls, owner):
             hooks |= {n for n in dir(owner) if not n.startswith("_")}
+    from emolightning.callbacks import StepCallback
+
+    if issubclass(cls, StepCallback) and cls is not StepCallback:
+        hooks.add("on_optimizer_step")  # StepCallback calls it; documented there
     members = []
     for name, value in vars(cls).items():
         if name.startswith("_") or name in hooks:
@@ -153,13 +164,41 @@ def _members(cls: type) -> list[tuple[str, Any]]:
     return members
 
 
-def render(qualified: str, obj: Any, aliases: list[str], documented: dict[int, str]) -> str:
+def _is_constant(obj: Any) -> bool:
+    return isinstance(obj, (str, int, float)) and not isinstance(obj, bool)
+
+
+def constant_doc(module: str, name: str) -> str:
+    """The string written under ``name = ...`` in ``module``, following ``from X import name``
+    re-exports; empty when there is none."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+    for node, following in zip(tree.body, tree.body[1:]):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            value = getattr(following, "value", None)
+            is_doc = isinstance(following, ast.Expr) and isinstance(value, ast.Constant) and isinstance(value.value, str)
+            return inspect.cleandoc(value.value) if is_doc else ""
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and any(a.name == name for a in node.names):
+            return constant_doc(node.module, name)
+    return ""
+
+
+def render(qualified: str, obj: Any, aliases: list[str], documented: dict[Any, str]) -> str:
     name = qualified.rsplit(".", 1)[-1]
     parts = [f"### `{name}`", ""]
-    if isinstance(obj, str):
+    if name == "__version__":
         return "\n".join(parts + [f"`{qualified}`: the package version string.", ""])
-    prefix = "class " if inspect.isclass(obj) else ""
-    parts += ["```python", prefix + signature(obj, qualified), "```", ""]
+    if _is_constant(obj):
+        parts += ["```python", f"{qualified} = {obj!r}", "```", ""]
+        doc = constant_doc(qualified.rsplit(".", 1)[0], name)
+        return "\n".join(parts + ([render_docstring(doc), ""] if doc else []))
+    if getattr(obj, "_is_protocol", False) or typing.is_typeddict(obj):  # declared, not constructed
+        kind = "Protocol" if getattr(obj, "_is_protocol", False) else "TypedDict"
+        parts += ["```python", f"class {qualified}({kind})", "```", ""]
+    else:
+        prefix = "class " if inspect.isclass(obj) else ""
+        parts += ["```python", prefix + signature(obj, qualified), "```", ""]
     if aliases:
         parts += ["Also importable as " + ", ".join(f"`{a}`" for a in aliases) + ".", ""]
     if inspect.isclass(obj):
@@ -183,14 +222,14 @@ def render(qualified: str, obj: Any, aliases: list[str], documented: dict[int, s
 def generate() -> str:
     """The text of docs/api.md."""
     names = public_names()
-    home: dict[int, str] = {}  # each object is documented once, under the first module listing it
-    aliases: dict[int, list[str]] = {}
+    home: dict[Any, str] = {}  # each object is documented once, under the first module listing it
+    aliases: dict[Any, list[str]] = {}
     order: list[tuple[str, str, Any]] = []
     for module, module_names in names.items():
         loaded = importlib.import_module(module)
         for name in module_names:
             obj = getattr(loaded, name)
-            key = id(obj) if not isinstance(obj, str) else id(f"{module}.{name}")
+            key = f"{module}.{name}" if _is_constant(obj) else id(obj)  # equal constants are not aliases
             if key in home:
                 aliases[key].append(f"{module}.{name}")
                 continue
@@ -202,7 +241,7 @@ def generate() -> str:
             current = module
             summary = (inspect.getdoc(importlib.import_module(module)) or "").split("\n\n")[0]
             parts += [f"## `{module}`", "", _inline(summary), ""]
-        key = id(obj) if not isinstance(obj, str) else id(f"{module}.{name}")
+        key = f"{module}.{name}" if _is_constant(obj) else id(obj)
         parts.append(render(f"{module}.{name}", obj, aliases.get(key, []), home))
     return "\n".join(parts).rstrip() + "\n"
 

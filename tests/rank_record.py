@@ -12,9 +12,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
-from emolightning.callbacks._util import emo_optimizers, find_callback, undo_accumulation
+from emolightning.callbacks import PlateauContinuation, RankConsistency
+from emolightning.run import emo_optimizers, undo_accumulation
 
 STAGE_KEYS = ("stage", "start_step", "end_step", "lrs", "loss_in", "loss_out")
+
+
+def _first(trainer: "pl.Trainer", kind: type) -> Any:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
 
 
 class RankRecord(Callback):
@@ -36,7 +41,7 @@ class RankRecord(Callback):
         if trainer.global_step == self._last_step:
             return  # a micro-batch inside an accumulation window: no optimizer step yet
         self._last_step = trainer.global_step
-        plateau = find_callback(trainer, "PlateauContinuation")
+        plateau = _first(trainer, PlateauContinuation)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.steps.append({
             "step": trainer.global_step,
@@ -52,8 +57,8 @@ class RankRecord(Callback):
         rank = trainer.global_rank
         weights = {name: p.detach().cpu().contiguous() for name, p in pl_module.named_parameters() if p.requires_grad}
         save_file(weights, str(self.dirpath / f"rank{rank}.safetensors"))
-        plateau = find_callback(trainer, "PlateauContinuation")
-        consistency = find_callback(trainer, "RankConsistency")
+        plateau = _first(trainer, PlateauContinuation)
+        consistency = _first(trainer, RankConsistency)
         record = {
             "rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
             "strategy": type(trainer.strategy).__name__, "steps": self.steps,

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.diffusion",
-            "emolightning.data", "emolightning.cli"]
+PACKAGES = ["emolightning", "emolightning.optim", "emolightning.callbacks", "emolightning.run",
+            "emolightning.diffusion", "emolightning.data", "emolightning.batch", "emolightning.cli"]
 DESIGN_NAMES = {"EmoNavi", "EmoFact", "EmoLynx", "EmoClan", "ShadowCheckpoint", "PlateauContinuation",
                 "EmotionMonitor", "RankConsistency", "SDLoRAModule", "ImageCaptionDataModule"}
 

@@ -52,21 +52,26 @@ def _callbacks(record_dir: Path) -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """Runs the recipe once on 2 processes; returns the run folder and the command's output."""
-    base = tmp_path_factory.mktemp("ddp")
+def _run(base: Path, *extra: str) -> str:
+    """Runs the recipe once on 2 processes in ``base``; returns the command's output."""
     overrides = base / "overrides.yaml"
     overrides.write_text(yaml.safe_dump({"trainer": {"callbacks": _callbacks(base / "ranks")}}))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "emolightning.cli", "fit", "--config", str(RECIPE), "--config", str(overrides),
                *TINY, "--trainer.devices=2", "--trainer.strategy=ddp", f"--trainer.max_steps={STEPS}",
-               f"--trainer.default_root_dir={base / 'run'}"]
+               f"--trainer.default_root_dir={base / 'run'}", *extra]
     result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    return base, output
+    assert result.returncode == 0, output[:8000] + "\n...\n" + output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Runs the recipe once on 2 processes; returns the run folder and the command's output."""
+    base = tmp_path_factory.mktemp("ddp")
+    return base, _run(base)
 
 
 def _ranks(base: Path) -> tuple[dict, dict]:
@@ -135,3 +140,31 @@ def test_the_exported_lora_is_what_every_rank_holds(ddp_run, tmp_path):
         with safe_open(written, "pt") as a, safe_open(again, "pt") as b:
             assert set(a.keys()) == set(b.keys()) and len(a.keys()) > 0
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_a_lokr_run_takes_the_same_steps_and_writes_its_files_once(tmp_path):
+    """The recipe with LoKr instead of LoRA (both text encoders frozen, so the diffusers file,
+    which holds a UNet LoKr, is available): identical weights on both ranks, the same stages, and
+    stage, shadow and final files written once, each the LoKr the checkpoints hold."""
+    output = _run(tmp_path, "--model.adapter=lokr", "--model.lora_rank=2", "--model.lokr_decompose_both=true")
+    rank0, rank1 = _ranks(tmp_path)
+    assert rank0["stages"] == rank1["stages"] and len(rank0["stages"]) == 3
+    weights = [load_file(tmp_path / "ranks" / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert weights[0].keys() == weights[1].keys() and any(".lokr_w1" in k for k in weights[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    log_dir = tmp_path / "run" / "lightning_logs" / "version_0"
+    assert output.count(f"Run finished at step {STEPS}: outputs") == 1
+    assert sorted(p.name for p in (log_dir / "lora").iterdir()) == [f"lora-step{STEPS}.diffusers.safetensors",
+                                                                    f"lora-step{STEPS}.kohya.safetensors"]
+    checkpoints = log_dir / "checkpoints"
+    for stage, step in ((0, 4), (1, 8), (2, 12)):
+        written = checkpoints / f"stage{stage}-step{step}.safetensors"
+        again = export([str(written.with_suffix(".ckpt")), "--out", str(tmp_path / f"stage{stage}.safetensors")])
+        with safe_open(written, "pt") as a, safe_open(again, "pt") as b:
+            assert set(a.keys()) == set(b.keys()) and any(k.endswith(".lokr_w2_b") for k in a.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+            assert a.metadata()["ss_network_module"] == "lycoris.kohya"
+    assert (checkpoints / "shadow-last.safetensors").is_file()
+    checkpoint = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["state_dict"].keys() == weights[0].keys()
+    assert all(torch.equal(checkpoint["state_dict"][k], weights[0][k]) for k in weights[0])

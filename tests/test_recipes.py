@@ -18,7 +18,7 @@ TINY = ["--model.pretrained=builtin:tiny", "--data.root=builtin:shapes", "--data
 
 def test_there_are_recipes():
     assert [p.name for p in RECIPES] == ["multi-gpu-ddp.yaml", "quickstart.yaml", "sd15-lora.yaml", "sd2-v-lora.yaml",
-                                         "sdxl-lora-12gb.yaml", "sdxl-lora.yaml"]
+                                         "sdxl-lokr.yaml", "sdxl-lora-12gb.yaml", "sdxl-lora-emosens.yaml", "sdxl-lora.yaml"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -32,7 +32,12 @@ def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
             "RunSummary"} <= {type(cb).__name__ for cb in cli.trainer.callbacks}
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    assert type(optimizer).__name__ == "EmoNavi"
+    if "emosens" in recipe.stem:  # the author's LoRA scope; the stages lower it
+        assert type(optimizer).__name__ == "EmoSens" and optimizer.emoScope == 1.0
+        plateau = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "PlateauContinuation")
+        assert plateau.monitor == "train_loss"
+    else:
+        assert type(optimizer).__name__ == "EmoNavi"
     if "sd2-v" in recipe.stem:
         assert module.noise_scheduler.config.prediction_type == "v_prediction"
     if "lora_rank: 16" in text:
@@ -40,15 +45,22 @@ def test_every_recipe_builds_with_the_tiny_model_swapped_in(recipe, tmp_path):
     if "sdxl" in recipe.stem:
         assert module.family == "sdxl" and module.hparams.cache_text_embeddings
         assert "resolution: 1024" in text and not cli.datamodule.hparams.shuffle_tags
+    if "lokr" in recipe.stem:
+        assert module.adapter_spec.kind == "lokr" and module.adapter_spec.lokr_factor == 8
+        assert any(".lokr_w1." in name for name, p in module.named_parameters() if p.requires_grad)
+        assert cli.model.hparams.export_formats == ["kohya", "diffusers"]
     if "multi-gpu" in recipe.stem:
         assert "strategy: ddp" in text and "use_distributed_sampler: false" in text
 
 
 def test_a_missing_model_path_is_named_before_anything_loads(tmp_path):
     recipe = next(p for p in RECIPES if p.stem == "sd15-lora")
+    args = ["--config", str(recipe), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"]
+    # the recipe's two placeholders: the data folder is checked first, before any class is built
+    with pytest.raises(FileNotFoundError, match="data.root .*my_set is not a folder"):
+        EmoLightningCLI(args=args, run=False)
     with pytest.raises(FileNotFoundError, match="model.pretrained: '/path/to/stable-diffusion-v1-5'"):
-        EmoLightningCLI(args=["--config", str(recipe), "--trainer.accelerator=cpu",
-                              f"--trainer.default_root_dir={tmp_path}"], run=False)
+        EmoLightningCLI(args=[*args, "--data.root=builtin:shapes"], run=False)
 
 
 def test_quickstart_runs_and_writes_its_outputs(tmp_path, capsys):

@@ -2,59 +2,43 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
-import torch
-from torch import Tensor
-from torch.optim import Optimizer
+
+from emolightning._files import temporary_path
+from emolightning.optim import EmotionalOptimizer
 
 
-_release_registered = False
+def lr_values(optimizer: Any) -> list[float]:
+    """What a continuation stage lowers, per param group: the Emo optimizer's own
+    (:meth:`~emolightning.optim.EmotionalOptimizer.lr_values`), else each group's ``lr``."""
+    if isinstance(optimizer, EmotionalOptimizer):
+        return list(optimizer.lr_values())
+    return [float(group["lr"]) for group in optimizer.param_groups]
 
 
-def release_gloo_group_at_exit() -> None:
-    """At process exit, free unreachable objects (a DDP wrapper among them), then destroy a gloo
-    process group, before the interpreter's own teardown.
-
-    A ``DistributedDataParallel`` wrapper sits in a reference cycle, so after fit it is freed by
-    the garbage collector, or not before the interpreter shuts down, and freed that late it
-    sometimes aborts the process ("terminate called without an active exception"): a finished
-    CPU DDP worker then fails the run. Lightning destroys NCCL groups at exit, not gloo ones.
-    Safe to call many times; registers once per process."""
-    global _release_registered
-    if _release_registered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_backend() != "gloo":
-        return
-    _release_registered = True
-    atexit.register(_release_process_group)
-
-
-def _release_process_group() -> None:
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def emo_optimizers(trainer: "pl.Trainer") -> list[Optimizer]:
-    """The Trainer's optimizers that carry an emotion (anything with ``snapshot()``)."""
-    return [opt for opt in trainer.optimizers if callable(getattr(opt, "snapshot", None))]
+def lr_name(trainer: "pl.Trainer") -> str:
+    """What the first optimizer calls its learning rate (``"lr"`` or ``"emoScope"``)."""
+    first = trainer.optimizers[0] if trainer.optimizers else None
+    return first.lr_name if isinstance(first, EmotionalOptimizer) else "lr"
 
 
 def group_lrs(trainer: "pl.Trainer") -> list[list[float]]:
-    return [[float(group["lr"]) for group in opt.param_groups] for opt in trainer.optimizers]
+    return [lr_values(opt) for opt in trainer.optimizers]
 
 
 def scale_lrs(trainer: "pl.Trainer", factor: float) -> None:
-    """Multiply every param group's LR by ``factor``, in the optimizers and in every attached
-    scheduler's ``base_lrs``, so that closed-form schedulers (LambdaLR, OneCycleLR, cosine
-    restarts) do not undo the change at their next step."""
+    """Multiply every optimizer's learning rate by ``factor`` (an Emo optimizer scales what it
+    calls its learning rate, :meth:`~emolightning.optim.EmotionalOptimizer.scale_lr`), and every
+    attached scheduler's ``base_lrs``, so that closed-form schedulers (LambdaLR, OneCycleLR,
+    cosine restarts) do not undo the change at their next step."""
     for optimizer in trainer.optimizers:
+        if isinstance(optimizer, EmotionalOptimizer):
+            optimizer.scale_lr(factor)
+            continue
         for group in optimizer.param_groups:
             group["lr"] *= factor
             if "initial_lr" in group:
@@ -67,6 +51,17 @@ def scale_lrs(trainer: "pl.Trainer", factor: float) -> None:
             scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
+def output_dir(trainer: "pl.Trainer", dirpath: Optional[Path], fallback: str) -> Path:
+    """Where a callback writes: ``dirpath`` if given, else the ModelCheckpoint's folder (beside
+    the other checkpoints), else ``<default_root_dir>/<fallback>``."""
+    if dirpath is not None:
+        return dirpath
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        return Path(checkpoint.dirpath)
+    return Path(trainer.default_root_dir) / fallback
+
+
 def save_checkpoint_atomically(trainer: "pl.Trainer", path: Union[str, Path]) -> Path:
     """``trainer.save_checkpoint`` to a temporary name, renamed into place on rank 0.
 
@@ -74,7 +69,7 @@ def save_checkpoint_atomically(trainer: "pl.Trainer", path: Union[str, Path]) ->
     path = Path(path)
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
+    temporary = temporary_path(path)  # a killed save leaves it; the next run removes it (remove_stale_partials)
     trainer.save_checkpoint(temporary, weights_only=False)  # full state: a stage checkpoint resumes
     if trainer.is_global_zero:
         os.replace(temporary, path)
@@ -85,38 +80,3 @@ def save_checkpoint_atomically(trainer: "pl.Trainer", path: Union[str, Path]) ->
 def trainable_parameters(pl_module: "pl.LightningModule") -> dict[str, Any]:
     """The parameters that train (LoRA weights, not a frozen base), by name."""
     return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
-
-
-def find_callback(trainer: "pl.Trainer", name: str) -> Any:
-    return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
-
-
-def undo_accumulation(trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> Tensor:
-    """Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` in automatic
-    optimization; this gives back the loss the training step returned."""
-    if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-        return loss * trainer.accumulate_grad_batches
-    return loss
-
-
-class StepLosses:
-    """Collects each micro-batch's training loss from ``on_train_batch_end`` and hands over
-    their mean once per optimizer step (once per accumulation window)."""
-
-    def __init__(self) -> None:
-        self.last_step = -1
-        self._pending: list[Tensor] = []
-
-    def observe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any) -> tuple[bool, Optional[Tensor]]:
-        """Returns whether an optimizer step ended with this batch, and then the local mean loss
-        of its micro-batches (``None`` if the training step returned no loss)."""
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if torch.is_tensor(loss):
-            self._pending.append(undo_accumulation(trainer, pl_module, loss.detach().float()))
-        # global_step 0 at the end of a batch: the first accumulation window has not stepped yet
-        if trainer.global_step == self.last_step or trainer.global_step == 0:
-            return False, None
-        self.last_step = trainer.global_step
-        mean = torch.stack(self._pending).mean() if self._pending else None
-        self._pending.clear()
-        return True, mean

@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from emolightning.callbacks._util import release_gloo_group_at_exit, undo_accumulation
+from emolightning._distributed import release_gloo_group_at_exit
+from emolightning.run import emo_optimizers, undo_accumulation
 
 
 class EmoLossFeed(Callback):
@@ -26,8 +27,9 @@ class EmoLossFeed(Callback):
 
     The loss fed is the one given to ``backward``, with the GradScaler's scale and Lightning's
     accumulation division undone. In a distributed run each process feeds its own loss and the
-    optimizer averages them across processes at the step. With any other optimizer this
-    callback does nothing to the losses.
+    optimizer averages them across processes at the step. LR schedulers with a ``feed_loss``
+    method (:class:`~emolightning.optim.EmoPulseScheduler`) are fed too. With any other
+    optimizer this callback does nothing to the losses.
 
     In a CPU (gloo) DDP run it also cleans up when each process exits: it frees the DDP wrapper
     (left in a reference cycle, it is otherwise freed during the interpreter's teardown, which
@@ -46,7 +48,9 @@ class EmoLossFeed(Callback):
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
-        optimizers = [opt for opt in trainer.optimizers if callable(getattr(opt, "feed_loss", None))]
+        # the Emo optimizers, and schedulers that read the loss (EmoPulseScheduler)
+        optimizers = [*emo_optimizers(trainer), *(config.scheduler for config in trainer.lr_scheduler_configs
+                                                  if callable(getattr(config.scheduler, "feed_loss", None)))]
         if not optimizers:
             return
         value = loss.detach()

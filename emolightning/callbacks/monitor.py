@@ -8,26 +8,29 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from emolightning.callbacks._util import StepLosses, emo_optimizers, find_callback
+from emolightning.callbacks.step import StepCallback
+from emolightning.run import RolledBack, StageChanged, StepRecord
 
 _SERIES = ("step", "loss", "scalar", "drive", "lr", "effective_lr", "blend", "should_stop", "stage", "rollbacks")
 
 
-class EmotionMonitor(Callback):
+class EmotionMonitor(StepCallback):
     """Log what the Emo optimizers feel, every optimizer step, and plot it at the end of fit.
 
     Logged (per optimizer ``i``; ``emotion/`` for the first, ``emotion_i/`` for others):
     ``loss`` (the loss the optimizer used), ``scalar``, ``drive`` (emoDrive), ``lr`` and
     ``effective_lr`` (``lr * drive``) of the first param group, ``blend_ratio`` (the shadow blend
-    weight, 0 when no blend), ``should_stop``, plus ``plateau/stage`` and ``shadow/rollbacks``
-    when :class:`PlateauContinuation` or :class:`ShadowCheckpoint` is in the Trainer. At the end
-    of fit it writes ``emotion.png`` beside the logs: loss, scalar and drive, and LR over the
-    steps, with stage changes and rollbacks marked. With other optimizers it logs the LR and
-    the training loss only.
+    weight, 0 when no blend), ``should_stop`` and any family-specific numbers the optimizer
+    reports (:attr:`EmotionSnapshot.extras`, e.g. the EmoSens family's emoPulse), all as they
+    were right after the step; plus ``plateau/stage`` and ``shadow/rollbacks`` when a callback
+    in the Trainer announces stage changes or rollbacks (:class:`PlateauContinuation`,
+    :class:`ShadowCheckpoint`), counted after the step's decisions. At the end of fit it writes
+    ``emotion.png`` beside the logs: loss, scalar and drive, and LR over the steps, with stage
+    changes and rollbacks marked. With other optimizers it logs the LR and the training loss
+    only.
 
     Args:
         log_every_n_steps: log every N optimizer steps (the plot keeps every step).
@@ -44,30 +47,40 @@ class EmotionMonitor(Callback):
         self.log_every_n_steps, self.plot, self.filename = log_every_n_steps, plot, filename
         self.history: dict[str, list[float]] = {key: [] for key in _SERIES}
         self.plot_path: Optional[Path] = None
-        self._steps = StepLosses()
+        self._stage = 0
+        self._rollbacks = 0
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        stepped, loss = self._steps.observe(trainer, pl_module, outputs)
-        if not stepped:
-            return
-        step = trainer.global_step
-        row = self._row(trainer, step, math.nan if loss is None else loss.item())
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        events = self.events(trainer)
+        events.subscribe(StageChanged, self._on_stage_changed)
+        events.subscribe(RolledBack, self._on_rolled_back)
+
+    def _on_stage_changed(self, event: StageChanged) -> None:
+        self._stage = event.stage
+
+    def _on_rolled_back(self, event: RolledBack) -> None:
+        self._rollbacks = event.count
+
+    @override
+    def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
+        # written once every step callback has seen the step: the stage and rollback count then
+        # include this step's decisions, whatever the callbacks' order
+        self.events(trainer).defer(lambda: self._write(trainer, record))
+
+    def _write(self, trainer: "pl.Trainer", record: StepRecord) -> None:
+        row = self._row(trainer, record)
         for key in _SERIES:
             self.history[key].append(row[key])
-        if trainer.logger is not None and step % self.log_every_n_steps == 0:
-            trainer.logger.log_metrics(self._metrics(trainer, row), step=step)
+        if trainer.logger is not None and record.step % self.log_every_n_steps == 0:
+            trainer.logger.log_metrics(self._metrics(trainer, record, row), step=record.step)
 
-    def _row(self, trainer: "pl.Trainer", step: int, local_loss: float) -> dict[str, float]:
-        plateau = find_callback(trainer, "PlateauContinuation")
-        shadow = find_callback(trainer, "ShadowCheckpoint")
-        row = {"step": float(step), "stage": float(plateau.stage) if plateau is not None else 0.0,
-               "rollbacks": float(len(shadow.rollbacks)) if shadow is not None else 0.0}
-        emo = emo_optimizers(trainer)
-        if emo:
-            snap = emo[0].snapshot()
-            # right after a stage change the emotion was reset: fall back to the training loss
+    def _row(self, trainer: "pl.Trainer", record: StepRecord) -> dict[str, float]:
+        local_loss = math.nan if record.loss is None else record.loss.item()
+        row = {"step": float(record.step), "stage": float(self._stage), "rollbacks": float(self._rollbacks)}
+        if record.snapshots:
+            snap = record.snapshots[0]
             row.update(loss=local_loss if snap.loss is None else snap.loss, scalar=snap.scalar, drive=snap.drive,
                        lr=snap.lr[0], effective_lr=snap.effective_lr[0], blend=snap.blend_ratio,
                        should_stop=float(snap.should_stop))
@@ -77,25 +90,24 @@ class EmotionMonitor(Callback):
                        should_stop=math.nan)
         return row
 
-    def _metrics(self, trainer: "pl.Trainer", row: dict[str, float]) -> dict[str, float]:
+    def _metrics(self, trainer: "pl.Trainer", record: StepRecord, row: dict[str, float]) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        emo = emo_optimizers(trainer)
-        for index, optimizer in enumerate(emo):
-            snap = optimizer.snapshot()
+        for index, snap in enumerate(record.snapshots):
             prefix = "emotion" if index == 0 else f"emotion_{index}"
             values = {"scalar": snap.scalar, "drive": snap.drive, "lr": snap.lr[0],
                       "effective_lr": snap.effective_lr[0], "blend_ratio": snap.blend_ratio,
-                      "should_stop": float(snap.should_stop)}
+                      "should_stop": float(snap.should_stop), **snap.extras}
             if snap.loss is not None:
                 values["loss"] = snap.loss
             metrics.update({f"{prefix}/{k}": float(v) for k, v in values.items()})
-        if not emo:
+        if not record.snapshots:
             metrics["emotion/lr"] = row["lr"]
             if not math.isnan(row["loss"]):
                 metrics["emotion/loss"] = row["loss"]
-        if find_callback(trainer, "PlateauContinuation") is not None:
+        events = self.events(trainer)
+        if events.declared(StageChanged):
             metrics["plateau/stage"] = row["stage"]
-        if find_callback(trainer, "ShadowCheckpoint") is not None:
+        if events.declared(RolledBack):
             metrics["shadow/rollbacks"] = row["rollbacks"]
         return metrics
 
@@ -109,6 +121,7 @@ class EmotionMonitor(Callback):
             return
         directory = Path(log_dir) if log_dir else Path(trainer.default_root_dir)
         self.plot_path = self.write_plot(directory / self.filename)
+        self.events(trainer).publish("emotion plot", self.plot_path)
         rank_zero_info(f"EmotionMonitor: wrote {self.plot_path}")
 
     def write_plot(self, path: Path) -> Path:
@@ -155,9 +168,10 @@ class EmotionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "last_step": self._steps.last_step}
+        return {"history": self.history}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {key: list(state_dict["history"].get(key, [])) for key in _SERIES}
-        self._steps.last_step = int(state_dict["last_step"])
+        self._stage = int(self.history["stage"][-1]) if self.history["stage"] else 0
+        self._rollbacks = int(self.history["rollbacks"][-1]) if self.history["rollbacks"] else 0

@@ -9,34 +9,34 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
-from emolightning.callbacks._util import (
-    StepLosses,
-    emo_optimizers,
-    group_lrs,
-    save_checkpoint_atomically,
-    scale_lrs,
-)
+from emolightning.callbacks._util import group_lrs, lr_name, lr_values, output_dir, save_checkpoint_atomically, scale_lrs
+from emolightning.callbacks.step import StepCallback
+from emolightning.optim import EmotionalOptimizer
+from emolightning.run import LoraWriter, StageChanged, StepRecord, emo_optimizers
 
 SHOULD_STOP = "should_stop"
 TRAIN_LOSS = "train_loss"
 
 
-class PlateauContinuation(Callback):
+class PlateauContinuation(StepCallback):
     """Start a lower-LR continuation stage whenever training reaches a plateau.
 
     The Emo optimizers' author trains at a constant LR and, when progress stalls, continues
     ("additional training") at a lower LR with nothing carried over. This callback does that
-    inside one run. At each plateau it saves a stage checkpoint (and, when the LightningModule
-    has an ``export_lora(path)`` method, the stage's LoRA file), lowers the LR of every param
-    group (in any attached scheduler too, so the scheduler does not undo it), resets the Emo
-    optimizers' emotion and ``should_stop`` (and optionally their moments: the "fresh start"),
-    and logs the new stage. After the plateau of the last stage it stops training.
+    inside one run. At each plateau it lowers the LR of every param group (in any attached
+    scheduler too, so the scheduler does not undo it; for optimizers that compute their own
+    step size, such as the EmoSens family, it lowers what they scale it by, ``emoScope``),
+    resets the Emo optimizers' emotion and ``should_stop`` (and optionally their moments: the
+    "fresh start"), announces the new stage (:class:`~emolightning.run.StageChanged`) and logs
+    it. Then, once every step callback has seen the step, it saves a stage checkpoint that
+    resumes into the new stage (and, when the LightningModule is a
+    :class:`~emolightning.run.LoraWriter`, the finished stage's LoRA file). After the plateau of
+    the last stage it saves the same files and stops training.
 
     A plateau is either the Emo optimizers' ``should_stop`` signal (``monitor="should_stop"``),
     or no relative improvement of at least ``min_delta`` in ``patience`` checks of a value:
@@ -116,6 +116,7 @@ class PlateauContinuation(Callback):
         self._reset_progress()
 
     def _reset_progress(self) -> None:
+        self.lr_name = "lr"  # what the stages lower: "lr", or "emoScope" (read from the optimizer)
         self.stage = 0
         self.stage_start_step = 0
         self.best: Optional[float] = None
@@ -125,13 +126,17 @@ class PlateauContinuation(Callback):
         self.stages: list[dict[str, Any]] = []
         self.stop_reason: Optional[str] = None
         self.lrs_now: Optional[list[list[float]]] = None
-        self._steps = StepLosses()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     # ------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.events(trainer).declare(StageChanged, self)
+
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.monitor == SHOULD_STOP and not emo_optimizers(trainer):
@@ -141,25 +146,35 @@ class PlateauContinuation(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
+        self.lr_name = lr_name(trainer)
         if not self.stages:
             self.stages.append(self._stage_record(trainer, 0))
         if self.lrs_now is not None and not trainer.lr_scheduler_configs:
             # a resumed run continues with the stage's LR (the optimizer state holds it too)
             for optimizer, lrs in zip(trainer.optimizers, self.lrs_now):
-                for group, lr in zip(optimizer.param_groups, lrs):
-                    group["lr"] = lr
+                if not isinstance(optimizer, EmotionalOptimizer) or optimizer.lr_name == "lr":
+                    for group, lr in zip(optimizer.param_groups, lrs):
+                        group["lr"] = lr
+        for record in self.stages:
+            for key, label in (("checkpoint", "stage {} checkpoint"), ("lora", "stage {} LoRA")):
+                if key in record:
+                    self.events(trainer).publish(label.format(record["stage"]), record[key])
+        if self.stop_reason:
+            self.events(trainer).publish("stopped because", self.stop_reason)
+            # resumed from a checkpoint of a run that had already ended: train no further
+            trainer.should_stop = True
+            rank_zero_info(f"PlateauContinuation: this run had already finished ({self.stop_reason}), so it "
+                           "stops at once. To train on, start a new run from its weights (e.g. its exported LoRA or "
+                           "stage checkpoint's weights) instead of resuming it.")
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        stepped, loss = self._steps.observe(trainer, pl_module, outputs)
-        if not stepped:
-            return  # no optimizer step on this batch (gradient accumulation)
-        if loss is not None:
-            self.losses.append(loss.item())
-        step = trainer.global_step
+    def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
+        if record.loss is not None:
+            self.losses.append(record.loss.item())
+        step = record.step
         if self.check_every_n_steps is not None and step > 0 and step % self.check_every_n_steps == 0:
-            self._check(trainer, pl_module)
+            self._check(trainer, pl_module, record.snapshots)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -197,9 +212,24 @@ class PlateauContinuation(Callback):
             return value < self.best - abs(self.best) * self.min_delta
         return value > self.best + abs(self.best) * self.min_delta
 
-    def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _check(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+               snapshots: Optional[tuple] = None) -> None:
+        """Decide, then act: a continuation stage (or the end) when :meth:`_evaluate` says so."""
         if trainer.sanity_checking or self.stop_reason is not None:
             return
+        plateau, value = self._evaluate(trainer, snapshots)
+        if plateau:
+            self._plateau(trainer, pl_module, value)
+
+    def _evaluate(self, trainer: "pl.Trainer", snapshots: Optional[tuple] = None) -> tuple[bool, Optional[float]]:
+        """Whether training sits on a plateau now (the same answer on every rank), and the
+        monitored value it was judged by (``None`` for ``should_stop``). Updates the patience
+        count, the best value and the stage's loss record; changes nothing else.
+
+        Args:
+            snapshots: the optimizers' emotion after this step, as the step's record holds it
+                (another callback may have reset the emotion since); default: read it now.
+        """
         train_loss = self._train_loss(trainer)
         record = self.stages[-1]
         if not math.isnan(train_loss):
@@ -208,7 +238,9 @@ class PlateauContinuation(Callback):
             record["loss_last"] = train_loss
         value: Optional[float] = None
         if self.monitor == SHOULD_STOP:
-            quiet = any(opt.snapshot().should_stop for opt in emo_optimizers(trainer))
+            if snapshots is None:
+                snapshots = tuple(opt.snapshot() for opt in emo_optimizers(trainer))
+            quiet = any(snap.should_stop for snap in snapshots)
             plateau = trainer.strategy.reduce_boolean_decision(quiet, all=False)
         else:
             if self.monitor == TRAIN_LOSS:
@@ -217,7 +249,7 @@ class PlateauContinuation(Callback):
                 metric = trainer.callback_metrics.get(self.monitor)
                 value = None if metric is None else self._rank_mean(trainer, metric.detach())
             if value is None or math.isnan(value):
-                return
+                return False, value
             if self._improved(value):
                 self.best, self.wait = value, 0
             else:
@@ -226,22 +258,13 @@ class PlateauContinuation(Callback):
         if self.cooldown_left > 0:  # checks right after a change do not count against the stage
             self.cooldown_left -= 1
             self.wait = 0
-            return
-        if plateau and trainer.global_step - self.stage_start_step >= self.min_steps_per_stage:
-            self._plateau(trainer, pl_module, value)
+            return False, value
+        return plateau and trainer.global_step - self.stage_start_step >= self.min_steps_per_stage, value
 
     # ---------------------------------------------------------------------------- acting
     def _stage_record(self, trainer: "pl.Trainer", stage: int) -> dict[str, Any]:
         return {"stage": stage, "start_step": trainer.global_step, "lrs": group_lrs(trainer),
                 "loss_in": None, "loss_out": None}
-
-    def _stage_dir(self, trainer: "pl.Trainer") -> Path:
-        if self.dirpath is not None:
-            return self.dirpath
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-            return Path(checkpoint.dirpath)  # beside the other checkpoints
-        return Path(trainer.default_root_dir) / "stages"
 
     def _plateau(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", value: Optional[float]) -> None:
         step = trainer.global_step
@@ -249,16 +272,20 @@ class PlateauContinuation(Callback):
         record["end_step"], record["loss_out"] = step, record.get("loss_last")
         described = f"{self.monitor} = {value:.6g}" if value is not None else "the optimizer's should_stop"
         if self.save_stage_checkpoints:
-            path = save_checkpoint_atomically(trainer, self._stage_dir(trainer) / f"stage{self.stage}-step{step}.ckpt")
-            record["checkpoint"] = str(path)
-            export = getattr(pl_module, "export_lora", None)
-            if callable(export) and trainer.is_global_zero:
-                record["lora"] = str(export(self._stage_dir(trainer) / f"stage{self.stage}-step{step}.safetensors"))
+            stem = output_dir(trainer, self.dirpath, "stages") / f"stage{self.stage}-step{step}"
+            record["checkpoint"] = f"{stem}.ckpt"
+            if isinstance(pl_module, LoraWriter):
+                record["lora"] = f"{stem}.safetensors"
+            # once every step callback has seen this step: the checkpoint then holds their state
+            # after it, and this stage change, so that it resumes into the new stage
+            self.events(trainer).defer(lambda: self._save_stage_files(trainer, pl_module, dict(record)), save=True)
         if self.stage >= self.max_stages:
             self.stop_reason = (f"plateau in the last stage ({self.stage}) at step {step}, judged by {described}")
             trainer.should_stop = True
+            self.events(trainer).publish("stopped because", self.stop_reason)
             self._log(trainer, step)
             return
+        name = lr_name(trainer)
         before = group_lrs(trainer)
         factor = self._next_factor(trainer)
         scale_lrs(trainer, factor)
@@ -268,7 +295,7 @@ class PlateauContinuation(Callback):
             else:
                 optimizer.reset_should_stop()
                 if self.reset_moments:
-                    optimizer.state.clear()
+                    optimizer.drop_moments(p for group in optimizer.param_groups for p in group["params"])
         self.stage += 1
         self.stage_start_step = step
         self.best, self.wait, self.cooldown_left = None, 0, self.cooldown
@@ -276,17 +303,24 @@ class PlateauContinuation(Callback):
         self.lrs_now = group_lrs(trainer)
         self.stages.append(self._stage_record(trainer, self.stage))
         self._log(trainer, step)
+        first_before, first_after = before[0][0], self.lrs_now[0][0]
+        self.events(trainer).announce(StageChanged(step, self.stage, name, first_before, first_after, described))
         if trainer.is_global_zero:
-            first_before, first_after = before[0][0], self.lrs_now[0][0]
             where = f", checkpoint {record['checkpoint']}" if "checkpoint" in record else ""
             Console().print(f"[bold cyan]▸ stage {self.stage}[/] at step {step}: plateau ({described}); "
-                            f"lr {first_before:.3g} → {first_after:.3g}{where}")
+                            f"{name} {first_before:.3g} → {first_after:.3g}{where}")
+
+    def _save_stage_files(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: dict[str, Any]) -> None:
+        path = save_checkpoint_atomically(trainer, record["checkpoint"])
+        events = self.events(trainer)
+        events.publish(f"stage {record['stage']} checkpoint", path)
+        if "lora" in record and trainer.is_global_zero:
+            events.publish(f"stage {record['stage']} LoRA", pl_module.export_lora(record["lora"]))
 
     def _next_factor(self, trainer: "pl.Trainer") -> float:
         if self.lrs is None:
             return self.lr_factor
-        current = trainer.optimizers[0].param_groups[0]["lr"]
-        return self.lrs[self.stage] / current
+        return self.lrs[self.stage] / lr_values(trainer.optimizers[0])[0]
 
     def _log(self, trainer: "pl.Trainer", step: int) -> None:
         if trainer.logger is not None:
@@ -294,9 +328,10 @@ class PlateauContinuation(Callback):
             trainer.logger.log_metrics({"plateau/stage": float(self.stage), "plateau/lr": lrs[0][0]}, step=step)
 
     def summary_table(self) -> Table:
-        """The stages so far: steps, LR and the training loss (window mean) at entry and exit."""
+        """The stages so far: steps, LR (or emoScope) and the training loss (window mean) at entry
+        and exit."""
         table = Table(title=f"PlateauContinuation stages (plateau judged by {self.monitor})")
-        for column in ("stage", "steps", "lr", "loss at entry", "loss at exit"):
+        for column in ("stage", "steps", self.lr_name, "loss at entry", "loss at exit"):
             table.add_column(column, justify="right")
         for record in self.stages:
             end = record.get("end_step")
@@ -316,7 +351,6 @@ class PlateauContinuation(Callback):
             "stage": self.stage, "stage_start_step": self.stage_start_step, "best": self.best,
             "wait": self.wait, "cooldown_left": self.cooldown_left, "losses": list(self.losses),
             "stages": self.stages, "stop_reason": self.stop_reason, "lrs_now": self.lrs_now,
-            "last_checked_step": self._steps.last_step,
         }
 
     @override
@@ -330,4 +364,3 @@ class PlateauContinuation(Callback):
         self.stages = [dict(record) for record in state_dict["stages"]]
         self.stop_reason = state_dict["stop_reason"]
         self.lrs_now = state_dict["lrs_now"]
-        self._steps.last_step = int(state_dict["last_checked_step"])

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from emolightning.callbacks._util import StepLosses, emo_optimizers
+from emolightning._distributed import is_sharded
+from emolightning.callbacks.step import StepCallback
+from emolightning.run import StepRecord, emo_optimizers
 
-_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
 
-
-class RankConsistency(Callback):
+class RankConsistency(StepCallback):
     """Every N optimizer steps, check that every process holds the same trainable weights and
     the same optimizer emotion; stop with an error naming the first difference otherwise.
 
     Data-parallel replicas must stay identical. They drift apart silently when something
     rank-local leaks into the update (a loss that was not averaged, a rank-dependent random
     draw, a non-deterministic kernel). Each check sums every trainable parameter in float64
-    (two numbers per tensor), adds the Emo optimizers' emotion state, and compares them across
+    (two numbers per tensor), adds the Emo optimizers' emotion state (their snapshot, extras
+    included), and compares them across
     processes with one small ``all_gather``. In a single process it does nothing. Under
     sharded strategies (FSDP, DeepSpeed) each rank holds different shards, so it disables
     itself with a warning.
@@ -40,21 +38,18 @@ class RankConsistency(Callback):
         self.every_n_steps = every_n_steps
         self.checks = 0
         self._enabled = True
-        self._steps = StepLosses()
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if any(name in type(trainer.strategy).__name__ for name in _SHARDED):
+        super().setup(trainer, pl_module, stage)
+        if is_sharded(trainer.strategy):
             self._enabled = False
             rank_zero_warn(f"RankConsistency is off under {type(trainer.strategy).__name__}: each rank "
                            "holds different shards of the weights, so there is nothing to compare.")
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        stepped, _ = self._steps.observe(trainer, pl_module, outputs)
-        step = trainer.global_step
-        if stepped and self._enabled and trainer.world_size > 1 and step % self.every_n_steps == 0:
+    def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
+        if self._enabled and trainer.world_size > 1 and record.step % self.every_n_steps == 0:
             self.check(trainer, pl_module)
 
     def _fingerprint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[list[str], torch.Tensor]:
@@ -68,8 +63,10 @@ class RankConsistency(Callback):
         for index, optimizer in enumerate(emo_optimizers(trainer)):
             snap = optimizer.snapshot()
             ema = [snap.ema.get(k, 0.0) for k in ("short", "medium", "long")]
+            extras = [(f"extras.{name}", value) for name, value in sorted(snap.extras.items())]
             for label, value in (("scalar", snap.scalar), ("drive", snap.drive),
-                                 ("should_stop", float(snap.should_stop)), *zip(("ema.short", "ema.medium", "ema.long"), ema)):
+                                 ("should_stop", float(snap.should_stop)), *zip(("ema.short", "ema.medium", "ema.long"), ema),
+                                 *extras):
                 names.append(f"optimizer {index} emotion '{label}'")
                 values.append(torch.tensor([value, 0.0], dtype=torch.float64))
         return names, torch.stack(values) if values else torch.zeros(0, 2, dtype=torch.float64)

@@ -9,40 +9,41 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from emolightning._distributed import is_sharded
 from emolightning._files import save_tensors_atomically
-from emolightning.callbacks._util import (
-    StepLosses,
-    emo_optimizers,
-    find_callback,
-    trainable_parameters,
-)
-
-_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+from emolightning.callbacks._util import output_dir, trainable_parameters
+from emolightning.callbacks.step import StepCallback
+from emolightning.optim import EmotionalOptimizer
+from emolightning.run import LoraWriter, RolledBack, StageChanged, StepRecord, emo_optimizers
 
 
-class ShadowCheckpoint(Callback):
+class ShadowCheckpoint(StepCallback):
     """Keep a shadow (slow average) of the trainable weights; save it, evaluate it, roll back to it.
 
     The shadow covers only parameters with ``requires_grad`` (the LoRA weights, not a frozen
     base model). When the Trainer's optimizer is an Emo optimizer built with ``use_shadow=True``
     its own per-parameter shadow is used; otherwise the callback keeps one:
     ``shadow += (1 - decay) * (weights - shadow)`` every ``update_every_n_steps`` steps.
+    Optimizers are reached only through :class:`~emolightning.optim.EmotionalOptimizer`.
 
     Files: ``shadow-step{N}.safetensors`` every ``save_every_n_steps`` steps (the last
     ``keep_last`` are kept), ``shadow-stage{K}.safetensors`` when a
-    :class:`PlateauContinuation` stage ends, ``shadow-last.safetensors`` at the end of fit and,
+    :class:`PlateauContinuation` stage ends (on its announcement, with the shadow as it is once
+    every step callback has seen that step), ``shadow-last.safetensors`` at the end of fit and,
     with ``monitor``, ``shadow-best.safetensors``. They hold the trainable weights by parameter
-    name, are written on rank 0 only, to a temporary name first. When the LightningModule has
-    an ``export_lora(path, weights)`` method, that writes each file instead (LoRA formats).
+    name, are written on rank 0 only, to a temporary name first. When the LightningModule is a
+    :class:`~emolightning.run.LoraWriter` (has ``export_lora(path, weights)``), that writes each
+    file instead (LoRA formats). Every file is published for
+    :class:`~emolightning.callbacks.RunSummary`.
 
     Rollback: when the rank-mean training loss is NaN/inf, or exceeds ``spike_factor`` times
     its long-run average, the live weights are restored from the shadow and the optimizer's
     state for them is dropped; after ``max_rollbacks`` rollbacks training stops with an error.
+    Each rollback is announced (:class:`~emolightning.run.RolledBack`).
 
     The shadow, the loss average and the counters are part of the Lightning checkpoint, so a
     resumed run continues exactly. A ``save_weights_only`` checkpoint holds no callback state:
@@ -117,19 +118,17 @@ class ShadowCheckpoint(Callback):
         self.saved: list[str] = []
         self.written: list[str] = []  # every file written and still on disk, for RunSummary
         self.best: Optional[float] = None
-        self._stages_seen = 0
-        self._steps = StepLosses()
         self._swapped: Optional[dict[str, Tensor]] = None
+        self._trainer: Optional["pl.Trainer"] = None
 
     # ------------------------------------------------------------------------------ shadow
     def _optimizer_shadows(self, trainer: "pl.Trainer", params: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
         if not self.use_optimizer_shadow:
             return None
         for optimizer in emo_optimizers(trainer):
-            if getattr(optimizer, "use_shadow", False):
-                shadows = {name: optimizer.state[p]["shadow"] for name, p in params.items()
-                           if "shadow" in optimizer.state.get(p, {})}
-                return shadows if len(shadows) == len(params) else None
+            shadows = optimizer.shadow_weights(list(params.values()))
+            if shadows is not None:
+                return dict(zip(params, shadows))
         return None
 
     def current_shadow(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Tensor]:
@@ -151,13 +150,17 @@ class ShadowCheckpoint(Callback):
     # ------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        name = type(trainer.strategy).__name__
-        if any(kind in name for kind in _SHARDED):
-            raise ValueError(f"ShadowCheckpoint does not support {name}: each rank holds only a shard of the "
-                             "weights. Use DDP, or remove ShadowCheckpoint from the callbacks.")
+        if is_sharded(trainer.strategy):
+            raise ValueError(f"ShadowCheckpoint does not support {type(trainer.strategy).__name__}: each rank holds "
+                             "only a shard of the weights. Use DDP, or remove ShadowCheckpoint from the callbacks.")
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+        self.events(trainer).subscribe(StageChanged, self._on_stage_changed)
+        self.events(trainer).declare(RolledBack, self)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
         params = trainable_parameters(pl_module)
         if self._optimizer_shadows(trainer, params) is None and set(self.shadow) != set(params):
             self._update(params)  # a fresh shadow from the starting weights
@@ -165,44 +168,62 @@ class ShadowCheckpoint(Callback):
             for name, p in params.items():  # a resumed shadow follows the weights' device
                 if name in self.shadow and not self.on_cpu:
                     self.shadow[name] = self.shadow[name].to(p.device)
+        for path in self.written:  # files of the run this one resumes
+            self.events(trainer).publish("shadow", path)
+        # keep_last prunes only this run's folder: a resumed run (a new version folder) leaves the
+        # files of the run it resumes alone
+        folder = output_dir(trainer, self.dirpath, "shadow")
+        self.saved = [path for path in self.saved if Path(path).parent == folder]
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        stepped, loss = self._steps.observe(trainer, pl_module, outputs)
-        if not stepped:
-            return  # accumulating: no optimizer step on this batch
-        step = trainer.global_step
+    def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
+        step = record.step
         params = trainable_parameters(pl_module)
-        if loss is not None:
-            value = float(trainer.strategy.reduce(loss.to(torch.float64).to(trainer.strategy.root_device),
-                                                  reduce_op="mean"))
+        if record.loss is not None:
+            loss = record.loss.to(torch.float64).to(trainer.strategy.root_device)
+            value = float(trainer.strategy.reduce(loss, reduce_op="mean"))
             if self._judge(trainer, pl_module, params, value):
                 return
-        if self._optimizer_shadows(trainer, params) is None and step % self.update_every_n_steps == 0:
+        if self._optimizer_shadows(trainer, params) is None and self.should_update(step):
             self._update(params)
         if self.save_every_n_steps and step % self.save_every_n_steps == 0:
             self._save(trainer, pl_module, f"shadow-step{step}", periodic=True)
-        plateau = find_callback(trainer, "PlateauContinuation")
-        if plateau is not None and self.save_on_stage_change and len(plateau.stages) > max(self._stages_seen, 1):
-            self._save(trainer, pl_module, f"shadow-stage{len(plateau.stages) - 2}")
-        if plateau is not None:
-            self._stages_seen = len(plateau.stages)
+
+    def _on_stage_changed(self, event: StageChanged) -> None:
+        trainer = self._trainer
+        if not self.save_on_stage_change or trainer is None:
+            return
+        self.events(trainer).defer(
+            lambda: self._save(trainer, trainer.lightning_module, f"shadow-stage{event.stage - 1}"), save=True)
 
     def _judge(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: dict[str, Tensor],
                value: float) -> bool:
-        """Roll back on a NaN/inf or spiking loss; otherwise fold the loss into the average."""
-        average = self.loss_average
-        spiking = (self.spike_factor is not None and average is not None and self.loss_steps >= self.warmup_steps
-                   and value > self.spike_factor * average)
-        if math.isfinite(value) and not spiking:
-            self.loss_average = value if average is None else 0.01 * value + 0.99 * average
+        """Roll back when :meth:`rollback_reason` gives a reason; otherwise fold the loss into
+        the average. Returns whether it rolled back."""
+        reason = self.rollback_reason(value)
+        if reason is None:
+            self.loss_average = value if self.loss_average is None else 0.01 * value + 0.99 * self.loss_average
             self.loss_steps += 1
             return False
-        reason = (f"loss {value:.6g} is not finite" if not math.isfinite(value) else
-                  f"loss {value:.6g} > {self.spike_factor:g} x average {average:.6g}")
         self._rollback(trainer, pl_module, params, reason)
         return True
+
+    def rollback_reason(self, loss: float) -> Optional[str]:
+        """Why this step's rank-mean ``loss`` calls for a rollback (NaN/inf, or a spike above
+        ``spike_factor`` times the long-run average after ``warmup_steps``), or ``None``.
+        Override it for another policy; it must give the same answer on every rank."""
+        if not math.isfinite(loss):
+            return f"loss {loss:.6g} is not finite"
+        average = self.loss_average
+        if (self.spike_factor is not None and average is not None and self.loss_steps >= self.warmup_steps
+                and loss > self.spike_factor * average):
+            return f"loss {loss:.6g} > {self.spike_factor:g} x average {average:.6g}"
+        return None
+
+    def should_update(self, step: int) -> bool:
+        """Whether the callback-kept shadow takes in the weights after optimizer step ``step``
+        (default: every ``update_every_n_steps`` steps). Override it for another policy."""
+        return step % self.update_every_n_steps == 0
 
     def _rollback(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: dict[str, Tensor],
                   reason: str) -> None:
@@ -213,16 +234,21 @@ class ShadowCheckpoint(Callback):
                 f"ShadowCheckpoint: {len(self.rollbacks)} rollbacks (the last at step {step}: {reason}) exceed "
                 f"max_rollbacks={self.max_rollbacks}. Training is unstable: lower the learning rate, check the "
                 "data for broken samples, or raise max_rollbacks.")
-        shadow = self.current_shadow(trainer, pl_module)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(shadow[name].to(p.device, p.dtype))
-        for optimizer in trainer.optimizers:
-            for p in params.values():
-                if p in optimizer.state:  # fresh moments; an optimizer-kept shadow stays
-                    optimizer.state[p] = {k: v for k, v in optimizer.state[p].items() if k == "shadow"}
+        restored = any(optimizer.restore_from_shadow(list(params.values()))
+                       for optimizer in emo_optimizers(trainer) if self.use_optimizer_shadow)
+        if not restored:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(self.shadow[name].to(p.device, p.dtype))
+        for optimizer in trainer.optimizers:  # fresh moments; an optimizer-kept shadow stays
+            if isinstance(optimizer, EmotionalOptimizer):
+                optimizer.drop_moments(params.values())
+            else:
+                for p in params.values():
+                    optimizer.state.pop(p, None)
         for optimizer in emo_optimizers(trainer):
             optimizer.reset_emotion()
+        self.events(trainer).announce(RolledBack(step, len(self.rollbacks), reason))
         if trainer.logger is not None:
             trainer.logger.log_metrics({"shadow/rollbacks": float(len(self.rollbacks))}, step=step)
         rank_zero_warn(f"ShadowCheckpoint: rolled the weights back to the shadow at step {step} ({reason}); "
@@ -265,34 +291,29 @@ class ShadowCheckpoint(Callback):
             self._save(trainer, pl_module, "shadow-last")
 
     # ------------------------------------------------------------------------------- files
-    def _dir(self, trainer: "pl.Trainer") -> Path:
-        if self.dirpath is not None:
-            return self.dirpath
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-            return Path(checkpoint.dirpath)
-        return Path(trainer.default_root_dir) / "shadow"
-
     def _save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stem: str, periodic: bool = False) -> None:
         if not trainer.is_global_zero:
             return
         shadow = self.current_shadow(trainer, pl_module)
         if not shadow:
             return
-        export = getattr(pl_module, "export_lora", None)
-        if callable(export):
-            path = Path(export(self._dir(trainer) / f"{stem}.safetensors", shadow))
+        path = output_dir(trainer, self.dirpath, "shadow") / f"{stem}.safetensors"
+        if isinstance(pl_module, LoraWriter):
+            path = Path(pl_module.export_lora(path, shadow))
         else:
             metadata = {"emolightning.kind": "shadow", "emolightning.step": str(trainer.global_step)}
-            path = save_tensors_atomically(shadow, self._dir(trainer) / f"{stem}.safetensors", metadata)
+            path = save_tensors_atomically(shadow, path, metadata)
+        events = self.events(trainer)
         if str(path) not in self.written:
             self.written.append(str(path))
+        events.publish("shadow", path)
         if periodic:
             self.saved.append(str(path))
             while len(self.saved) > self.keep_last:
                 removed = self.saved.pop(0)
                 Path(removed).unlink(missing_ok=True)
                 self.written = [p for p in self.written if p != removed]
+                events.withdraw(removed)
         rank_zero_info(f"ShadowCheckpoint: saved {path}")
 
     # ------------------------------------------------------------------------------- state
@@ -300,8 +321,7 @@ class ShadowCheckpoint(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": {k: v.detach().cpu() for k, v in self.shadow.items()},
                 "loss_average": self.loss_average, "loss_steps": self.loss_steps, "rollbacks": self.rollbacks,
-                "saved": self.saved, "written": self.written, "best": self.best, "stages_seen": self._stages_seen,
-                "last_step": self._steps.last_step}
+                "saved": self.saved, "written": self.written, "best": self.best}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -312,5 +332,3 @@ class ShadowCheckpoint(Callback):
         self.saved = list(state_dict["saved"])
         self.written = list(state_dict.get("written", []))
         self.best = state_dict["best"]
-        self._stages_seen = int(state_dict["stages_seen"])
-        self._steps.last_step = int(state_dict["last_step"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -10,26 +10,33 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
-from emolightning.callbacks._util import find_callback
+from emolightning.run import run_events
 
 
 class RunSummary(Callback):
-    """Print, at the end of fit (rank 0), where each output of the run is: logs, checkpoints,
-    stage checkpoints, shadow files, LoRA files, sample images and the emotion plot.
+    """Print, once fit has finished (rank 0), where each output of the run is: the logs, the
+    latest checkpoint, and everything the callbacks and the LightningModule published through
+    :meth:`emolightning.run.RunEvents.publish` (stage checkpoints and LoRA files, shadow files,
+    the exported LoRA, sample images, the emotion plot, why training stopped).
+
+    It prints after every callback's ``on_fit_end`` (in ``teardown``), so files written there
+    are listed wherever it sits among the callbacks.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[RunSummary()])
     """
 
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        table = self.table(trainer, pl_module)  # on every rank: reading trainer.log_dir is a collective under DDP
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        table = self.table(trainer)  # on every rank: reading trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             Console().print(table)
 
-    def outputs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[tuple[str, str]]:
+    def outputs(self, trainer: "pl.Trainer", pl_module: Optional["pl.LightningModule"] = None) -> list[tuple[str, str]]:
         """(what, where) rows. Call it on every process: it reads ``trainer.log_dir``, which
-        every rank must join under DDP."""
+        every rank must join under DDP. (``pl_module`` is not needed; kept for old callers.)"""
         rows: list[tuple[str, str]] = []
         log_dir = trainer.log_dir
         if log_dir:
@@ -41,30 +48,13 @@ class RunSummary(Callback):
             latest = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
             if latest:
                 rows.append(("latest checkpoint", latest))
-        plateau = find_callback(trainer, "PlateauContinuation")
-        if plateau is not None:
-            for record in plateau.stages:
-                for key, label in (("checkpoint", "stage {} checkpoint"), ("lora", "stage {} LoRA")):
-                    if key in record:
-                        rows.append((label.format(record["stage"]), record[key]))
-            if plateau.stop_reason:
-                rows.append(("stopped because", plateau.stop_reason))
-        shadow = find_callback(trainer, "ShadowCheckpoint")
-        if shadow is not None:
-            rows += [("shadow", path) for path in getattr(shadow, "written", [])]
-        rows += [("LoRA", str(path)) for path in getattr(pl_module, "exported", [])]
-        samples = Path(log_dir or trainer.default_root_dir) / "samples"
-        if samples.is_dir():
-            rows.append(("sample images", str(samples)))
-        monitor = find_callback(trainer, "EmotionMonitor")
-        if monitor is not None and monitor.plot_path is not None:
-            rows.append(("emotion plot", str(monitor.plot_path)))
+        rows += [(output.what, output.where) for output in run_events(trainer).outputs]
         return rows
 
-    def table(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Table:
+    def table(self, trainer: "pl.Trainer", pl_module: Optional["pl.LightningModule"] = None) -> Table:
         table = Table(title=f"Run finished at step {trainer.global_step}: outputs")
         table.add_column("what", no_wrap=True)
         table.add_column("where", overflow="fold")
-        for what, where in self.outputs(trainer, pl_module):
+        for what, where in self.outputs(trainer):
             table.add_row(what, where)
         return table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 from torch.utils.data import Sampler
@@ -46,31 +47,76 @@ def assign_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]], *, 
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches drawn from one bucket at a time, reshuffled every epoch from ``seed`` + epoch.
+    """Batches drawn from one bucket at a time, in an order that changes every epoch.
 
-    In a distributed run each process takes every ``world_size``-th batch (the list is padded by
-    repeating batches so every rank gets the same number).
+    The order is a function of ``seed`` and the epoch only: images are shuffled within their
+    bucket, cut into batches, and the batches of all buckets shuffled together. Every process
+    computes the same list; in a distributed run process ``rank`` takes the batches ``rank``,
+    ``rank + world_size``, ``rank + 2 * world_size``... of it, so the processes' shares are
+    disjoint and together cover the epoch. When the number of batches is not a multiple of
+    ``world_size``, the last round is completed with the epoch's first batches again (at most
+    ``world_size - 1`` batches are seen twice in that epoch, different ones each epoch), so
+    that every process runs the same number of steps.
+
+    Lightning calls ``set_epoch`` at the start of every epoch on ``dataloader.sampler`` and
+    ``dataloader.batch_sampler.sampler``; :attr:`sampler` is this object itself, so a
+    ``DataLoader(dataset, batch_sampler=BucketBatchSampler(...))`` gets its epochs without a
+    callback. The epoch's batches are worked out when iteration starts, so ``set_epoch`` may
+    come after ``iter(loader)`` as long as it comes before the first batch (as in Lightning).
+
+    :meth:`resume_at` makes the next iteration start part-way through the epoch (what
+    :class:`~emolightning.data.resumable.ResumableDataLoader` uses to resume mid-epoch);
+    ``len()`` is always the whole epoch's count for this process.
 
     Args:
         buckets: the bucket of each dataset index (repeats already expanded).
         batch_size: images per batch.
         shuffle: shuffle images within buckets and the order of batches.
-        seed: base seed; call :meth:`set_epoch` each epoch.
-        rank, world_size: this process and how many there are.
+        seed: base seed of the order.
+        rank: this process.
+        world_size: how many processes share the epoch.
+
+    Example:
+        >>> sampler = BucketBatchSampler([(64, 64)] * 5 + [(96, 32)] * 3, batch_size=2, seed=1)
+        >>> sampler.set_epoch(1)
+        >>> len(sampler), sorted(i for batch in sampler for i in batch) == list(range(8))
+        (5, True)
     """
 
     def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.buckets, self.batch_size, self.shuffle, self.seed = list(buckets), batch_size, shuffle, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self._start = 0
+        self.iteration_epoch, self.iteration_start = 0, 0
+        """The epoch and the first position of the iteration in progress (or the last one)."""
+
+    @property
+    def sampler(self) -> "BucketBatchSampler":
+        """This sampler: Lightning calls ``set_epoch`` on ``batch_sampler.sampler``."""
+        return self
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration follows (a change drops a pending
+        :meth:`resume_at`)."""
+        if epoch != self.epoch:
+            self._start = 0
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Start the next iteration at this process's batch ``position`` of ``epoch`` (the
+        batches before it are not drawn again)."""
+        if not 0 <= position <= len(self):
+            raise ValueError(f"position {position} is outside the epoch's {len(self)} batches")
+        self.epoch, self._start = epoch, position
+
+    def epoch_batches(self) -> list[list[int]]:
+        """All of this process's batches of the current epoch, in order."""
+        rng = random.Random(f"{self.seed}/{self.epoch}")
         groups: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(self.buckets):
             groups.setdefault(bucket, []).append(index)
@@ -83,13 +129,18 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self.shuffle:
             rng.shuffle(batches)
         if self.world_size > 1:
-            per_rank = math.ceil(len(batches) / self.world_size)
-            batches = (batches * self.world_size)[: per_rank * self.world_size]
-            batches = batches[self.rank::self.world_size]
+            batches = (batches * self.world_size)[: len(self) * self.world_size][self.rank::self.world_size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        start, self._start = self._start, 0
+        self.iteration_epoch, self.iteration_start = self.epoch, start
+        yield from self.epoch_batches()[start:]
+
+    @property
+    def total_batches(self) -> int:
+        """The epoch's batches over all processes, before the padding."""
+        return sum(math.ceil(size / self.batch_size) for size in Counter(self.buckets).values())
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return math.ceil(self.total_batches / self.world_size)

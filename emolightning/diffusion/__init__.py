@@ -1,5 +1,6 @@
-"""Stable Diffusion LoRA training: the module, model loading, training-step math, tiny model."""
+"""Stable Diffusion LoRA training: the module, model loading, training-step math, sampling, LoRA
+files, tiny model."""
 
-from emolightning.diffusion.module import SDLoRAModule
+from emolightning.diffusion.module import DEFAULT_LR, SDLoRAModule
 
-__all__ = ["SDLoRAModule"]
+__all__ = ["DEFAULT_LR", "SDLoRAModule"]

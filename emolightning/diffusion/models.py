@@ -1,4 +1,5 @@
-"""Loading a Stable Diffusion base model and adding LoRA adapters to it."""
+"""Loading a Stable Diffusion base model, and the layers adapters go on (the adapters themselves:
+:mod:`emolightning.diffusion.adapters`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from emolightning.diffusion.mini import MINI
-from emolightning.diffusion.single_file import FAMILIES, folder_family, load_single_file
+from emolightning.diffusion.single_file import FAMILIES, config_files, folder_family, load_single_file
 
 TINY = "builtin:tiny"
 TINY_XL = "builtin:tiny-sdxl"
@@ -26,6 +27,9 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
             "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
 }
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# the networks of a diffusers folder, each with a weights file beside its config.json
+_NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 
 
 @dataclass
@@ -59,8 +63,9 @@ def load_components(pretrained: str, family: Optional[str] = None, base_config: 
 
     Raises:
         FileNotFoundError: with what to do, when ``pretrained`` is neither a diffusers folder
-            nor a file.
-        ValueError: a single file without ``base_config``, or one that does not match it.
+            nor a file, or a diffusers folder lacks a part (naming the parts it lacks).
+        ValueError: a single file without ``base_config``, or one that does not match it; a
+            part of the folder that does not load (naming the part).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDPMScheduler
@@ -101,32 +106,65 @@ def load_components(pretrained: str, family: Optional[str] = None, base_config: 
             raise ValueError(f"model.model_family={family!r}, but {pretrained} holds an {found} model; leave "
                              "model_family unset to use what the folder says")
         xl = family == "sdxl"
+        check_diffusers_folder(folder, sdxl=xl)
+
+        def load(part: str, loader: Any) -> Any:
+            try:
+                return loader.from_pretrained(folder, subfolder=part)
+            except (OSError, ValueError) as error:  # diffusers/transformers name the file, not the part
+                raise ValueError(f"model.pretrained: the {part}/ part of {folder} does not load: {error}") from error
+
         return SDComponents(
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            unet=load("unet", UNet2DConditionModel),
+            vae=load("vae", AutoencoderKL),
+            text_encoder=load("text_encoder", CLIPTextModel),
+            tokenizer=load("tokenizer", CLIPTokenizer),
             scheduler_config=dict(DDPMScheduler.load_config(folder, subfolder="scheduler")),
             source=pretrained if scratch is not None else str(folder),
             family=family,
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2") if xl else None,
-            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2") if xl else None,
+            text_encoder_2=load("text_encoder_2", CLIPTextModelWithProjection) if xl else None,
+            tokenizer_2=load("tokenizer_2", CLIPTokenizer) if xl else None,
         )
     finally:
         if scratch is not None:  # the tiny model now lives in memory
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...], init: Any) -> None:
-    """Freeze ``model`` and add a trainable peft LoRA adapter (``"default"``) to ``targets``."""
-    from peft import LoraConfig
+def check_diffusers_folder(folder: Path, *, sdxl: bool) -> None:
+    """Refuse a diffusers folder that lacks a part, naming each missing part and what a complete
+    folder holds (diffusers itself only says that some config.json was not found).
 
-    model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init)
-    model.add_adapter(config)
+    Args:
+        folder: the folder with ``model_index.json``.
+        sdxl: whether the model has SDXL's second text encoder.
+
+    Raises:
+        FileNotFoundError: the parts the folder lacks.
+
+    Example:
+        >>> check_diffusers_folder(Path("/models/sd15"), sdxl=False)  # doctest: +SKIP
+    """
+    missing = []
+    for name in config_files(sdxl):
+        part = name.split("/")[0]
+        if not (folder / part).is_dir():
+            missing.append(f"{part}/")
+        elif not (folder / name).exists():
+            missing.append(name)
+    for network in _NETWORKS[: 4 if sdxl else 3]:
+        part = folder / network
+        if part.is_dir() and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in part.iterdir()):
+            missing.append(f"{network}/ weights (a .safetensors or .bin file)")
+    if missing:
+        parts = "unet/, vae/, text_encoder/, tokenizer/, scheduler/" + (", text_encoder_2/, tokenizer_2/" if sdxl else "")
+        raise FileNotFoundError(
+            f"model.pretrained: the diffusers folder {folder} lacks {', '.join(missing)}. A complete folder holds "
+            f"model_index.json and {parts}, each with its config and (the networks) weights, as `save_pretrained` "
+            "or a full download of the model writes them; download or copy the missing parts")
 
 
 def lora_state_dict(model: torch.nn.Module, state_dict: Optional[dict] = None) -> dict:
+    """peft's state dict of ``model``'s adapter (any kind), from ``state_dict`` when given."""
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, state_dict=state_dict)

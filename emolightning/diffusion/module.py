@@ -1,11 +1,14 @@
-"""SDLoRAModule: LoRA fine-tuning of Stable Diffusion 1.x/2.x and SDXL as a LightningModule."""
+"""SDLoRAModule: LoRA (or DoRA, LoHa, LoKr) fine-tuning of Stable Diffusion 1.x/2.x and SDXL as a
+LightningModule.
+
+The training step is here; the parts it uses live beside it: loading (``models``), the adapters
+(``adapters``), the noise and loss math (``noise``), text conditioning and its cache
+(``conditioning``), the latent cache, sampling (``sampling``) and LoRA files (``lora_files``).
+The batches follow :mod:`emolightning.batch`.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -13,41 +16,72 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from emolightning._files import save_tensors_atomically
-from emolightning.diffusion.conditioning import (
-    TextEmbeddingCache,
+from emolightning.batch import (
+    CACHE_KEY,
+    CAPTION_DROPPED,
+    INPUT_IDS,
+    INPUT_IDS_2,
+    LATENTS,
+    LOSS_MASK,
+    PIXEL_VALUES,
+    TIME_IDS,
+    Batch,
+    CaptionedData,
     default_time_ids,
-    sdxl_text_embeddings,
     tokenize,
 )
-from emolightning.diffusion.export import kohya_metadata, kohya_state_dict, kohya_text_encoder_layers, sgm_unet_layers
+from emolightning.diffusion.adapters import (add_adapter, adapter_spec, full_kronecker_layers,
+                                            lycoris_unloadable_layers)
+from emolightning.diffusion.conditioning import TextEmbeddingCache, sdxl_text_embeddings
+from emolightning.diffusion.export import kohya_metadata
 from emolightning.diffusion.latent_cache import LatentCache, vae_fingerprint
+from emolightning.diffusion.lora_files import (FORMATS, check_format, readers, training_metadata,
+                                               write_diffusers_lora, write_kohya_lora)
 from emolightning.diffusion.metrics import DenoisingLoss
-from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, add_lora, load_components, lora_state_dict
+from emolightning.diffusion.models import TARGET_PRESETS, TEXT_TARGETS, TINY, load_components
 from emolightning.diffusion.noise import (
     diffusion_loss,
+    latent_mask,
     min_snr_weights,
+    per_image_error,
     sample_noise,
     sample_timesteps,
     snr,
     training_scheduler,
     training_target,
 )
+from emolightning.diffusion.sampling import build_pipeline, generate_images, sampling_mode, save_image_grid
 from emolightning.optim import EmoNavi
+from emolightning.run import run_events
 
-DEFAULT_LR = 6e-5  # the EmoNavi author's recommendation for LoRA
+DEFAULT_LR = 6e-5
+"""The default optimizer's learning rate: the EmoNavi author's recommendation for LoRA."""
+DROPPED_CAPTION_EMBEDDINGS = ("empty_prompt", "zeros")
+"""What a dropped caption conditions the UNet on (``dropped_caption_embedding``)."""
 
 
 class SDLoRAModule(pl.LightningModule):
-    """Train LoRA adapters on a frozen Stable Diffusion 1.x/2.x or SDXL model.
+    """Train LoRA adapters (or DoRA, LoHa, LoKr: ``adapter``) on a frozen Stable Diffusion 1.x/2.x
+    or SDXL model.
 
     Batches are dicts with ``input_ids`` (tokenised captions) and either ``pixel_values``
     (images in [-1, 1]) or ``latents`` (already VAE-encoded and scaled). SDXL also takes
     ``input_ids_2`` (the captions through ``tokenizer_2``) and ``time_ids`` (B, 6): original
     height and width, crop top and left, target height and width (default: the whole image at
-    its own size); ImageCaptionDataModule provides all three.
+    its own size); ImageCaptionDataModule provides all three (the keys and their shapes:
+    :class:`emolightning.batch.Batch`). A batch's ``loss_mask`` weighs the loss per pixel
+    (area-averaged to the latent size; each image's loss is its mask-weighted mean, see
+    :func:`emolightning.diffusion.noise.per_image_error`), and its ``caption_dropped`` rows
+    train the unconditional case: they are conditioned on the empty prompt's embedding, as
+    classifier-free guidance samples with an empty negative prompt (``dropped_caption_embedding``).
+
+    With a data module, the two talk through the protocols of :mod:`emolightning.batch`: the
+    module lends its tokenizers (:meth:`tokenizers`) to a data module that has none, and reads
+    from ``trainer.datamodule``, when it is a :class:`~emolightning.batch.CaptionedData`, the
+    captions to cache and the dataset's description for the kohya metadata.
 
     Args:
         pretrained: a local diffusers folder, ``"builtin:tiny"`` (a tiny random SD 1.x) or
@@ -59,14 +93,28 @@ class SDLoRAModule(pl.LightningModule):
             there is no other source for them; its weight files are not needed).
         model_family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; default: read from the model.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``; default: the model's scheduler.
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha (scale = alpha / rank); default: the rank.
+        adapter: ``"lora"`` (the default), ``"dora"`` (LoRA with a trained magnitude per output
+            channel), ``"loha"`` (a Hadamard product of two low-rank products) or ``"lokr"``
+            (a Kronecker product of a small and a low-rank factor); peft's implementations.
+            docs/sd-lora.md, "Other adapters", says which program loads which.
+        lora_rank: the adapter's rank.
+        lora_alpha: its alpha (scale = alpha / rank); default: the rank.
         target_preset: ``"attention"``, ``"attention_ff"`` or ``"all"`` (LoCon: ResNet convs too).
-        lora_init: peft's ``init_lora_weights`` (``"gaussian"``, ``True`` for Kaiming, ``"pissa"``...).
-        train_text_encoder: also put LoRA on the text encoders' attention (both, for SDXL).
+        lora_init: LoRA/DoRA: peft's ``init_lora_weights`` (default ``"gaussian"``; ``True`` for
+            Kaiming, ``"pissa"``...).
+        use_tucker: LoHa: keep k×k conv kernels (``target_preset="all"``) as a Tucker core
+            instead of flattening them into the factors (fewer parameters; LyCORIS's
+            ``use_tucker``, peft's ``use_effective_conv2d``); default off. (LoKr convs are always
+            flattened: Tucker LoKr files do not load in ComfyUI.)
+        lokr_factor: LoKr: the size of the small Kronecker factor (the largest divisor of each
+            layer dimension not above it, e.g. 8); default -1, the most square split.
+        lokr_decompose_both: LoKr: write the small factor as a rank-``lora_rank`` product too
+            when the rank is below half its size; default off.
+        train_text_encoder: also put the adapter on the text encoders' attention (both, for SDXL).
         text_encoder_lr: their learning rate (default: the optimizer's).
         text_encoder_2_lr: SDXL's second text encoder's learning rate (default: ``text_encoder_lr``).
-        optimizer: builds the optimizer from param groups (default: ``EmoNavi(lr=6e-5)``).
+        optimizer: builds the optimizer from param groups (default:
+            ``EmoNavi(lr=DEFAULT_LR, fused=True)``, ``DEFAULT_LR`` = 6e-5).
         lr_scheduler: optional; builds a scheduler stepped every optimizer step.
         noise_offset: offset-noise strength (0.05-0.1 is typical).
         min_timestep, max_timestep: the range timesteps are drawn from.
@@ -76,7 +124,8 @@ class SDLoRAModule(pl.LightningModule):
             when they are trained).
         cache_text_embeddings: encode each distinct caption once and reuse the text encoders'
             output (frozen text encoders only; turned off with a warning when the data module
-            augments captions, as every variant would be a new entry). With a data module that
+            shuffles tags, as every variant would be a new entry; caption dropout keeps it on,
+            with one entry for the empty prompt). With a data module that
             lists its captions (ImageCaptionDataModule), all of them are encoded before the
             first step and the text encoders then wait on the CPU, freeing their GPU memory
             (they come back for sample images).
@@ -87,6 +136,15 @@ class SDLoRAModule(pl.LightningModule):
         validation_timesteps: each validation image is scored at this many evenly spaced
             timesteps, with noise fixed by ``seed`` and the batch, so ``val_loss`` is comparable
             across steps and runs.
+        masked_validation: score validation images with their loss masks, as training weighs
+            them (the default); ``False`` scores every pixel alike.
+        dropped_caption_embedding: what a dropped caption (``caption_dropped`` in the batch)
+            conditions the UNet on: ``"empty_prompt"``, the text encoders' output for ``""``
+            (for SDXL both encoders' hidden states and the pooled embedding; the default), or
+            ``"zeros"`` (SDXL only: zero hidden states and pooled embedding, what diffusers'
+            SDXL pipeline with ``force_zeros_for_empty_prompt`` and AUTOMATIC1111 sample the
+            unconditional half with when no negative prompt is given). The module's sample
+            images follow the same choice.
         sample_prompts: prompts to draw sample images from during training (fixed seed).
         sample_every_n_steps: how often (0: never); images go to ``<log dir>/samples`` as PNG and
             to TensorBoard when that is the logger.
@@ -96,7 +154,13 @@ class SDLoRAModule(pl.LightningModule):
             provides; images with random crops or flips are encoded every time).
         latent_cache_dir: the folder for ``"disk"`` (default ``<default_root_dir>/latent_cache``).
         export_formats: LoRA files written at the end of fit to ``<log dir>/lora/`` (``"kohya"``,
-            ``"diffusers"``); ``export_half`` writes them in float16.
+            ``"diffusers"``; see :meth:`export_lora` for which program reads which);
+            ``export_half`` writes them in float16.
+
+    Attributes:
+        extra_lora_metadata: your own metadata for the kohya LoRA files, written after (and over)
+            the module's and the data module's ``ss_*`` keys; values that are not strings are
+            written as JSON.
 
     Example:
         >>> module = SDLoRAModule("builtin:tiny", lora_rank=4)
@@ -108,10 +172,14 @@ class SDLoRAModule(pl.LightningModule):
         base_config: Optional[str] = None,
         model_family: Optional[str] = None,
         prediction_type: Optional[str] = None,
+        adapter: str = "lora",
         lora_rank: int = 16,
         lora_alpha: Optional[float] = None,
         target_preset: str = "attention",
-        lora_init: Union[str, bool] = "gaussian",
+        lora_init: Union[str, bool, None] = None,
+        use_tucker: Optional[bool] = None,
+        lokr_factor: Optional[int] = None,
+        lokr_decompose_both: Optional[bool] = None,
         train_text_encoder: bool = False,
         text_encoder_lr: Optional[float] = None,
         text_encoder_2_lr: Optional[float] = None,
@@ -127,6 +195,8 @@ class SDLoRAModule(pl.LightningModule):
         vae_fp32: Optional[bool] = None,
         seed: int = 0,
         validation_timesteps: int = 4,
+        masked_validation: bool = True,
+        dropped_caption_embedding: str = "empty_prompt",
         sample_prompts: Optional[list[str]] = None,
         sample_every_n_steps: int = 0,
         sample_size: int = 512,
@@ -138,17 +208,21 @@ class SDLoRAModule(pl.LightningModule):
         export_half: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(lora_rank, int) or lora_rank < 1:
-            raise ValueError(f"model.lora_rank must be a positive integer, got {lora_rank!r}")
-        unknown = set(export_formats or []) - {"kohya", "diffusers"}
+        self.adapter_spec = adapter_spec(adapter=adapter, rank=lora_rank, alpha=lora_alpha, lora_init=lora_init,
+                                         use_tucker=use_tucker, lokr_factor=lokr_factor,
+                                         lokr_decompose_both=lokr_decompose_both)
+        unknown = set(export_formats or []) - set(FORMATS)
         if unknown:
             raise ValueError(f"model.export_formats: unknown format(s) {sorted(unknown)}; use 'kohya' and/or 'diffusers'")
+        for file_format in export_formats or []:
+            check_format(adapter, file_format, text_encoders=train_text_encoder, option="model.export_formats")
         if cache_latents not in ("none", "memory", "disk"):
             raise ValueError(f"model.cache_latents must be 'none', 'memory' or 'disk', got {cache_latents!r}")
         if target_preset not in TARGET_PRESETS:
             raise ValueError(f"model.target_preset must be one of {sorted(TARGET_PRESETS)}, got {target_preset!r}")
-        if lora_alpha is not None and not lora_alpha > 0:
-            raise ValueError(f"model.lora_alpha must be positive, got {lora_alpha!r}")
+        if dropped_caption_embedding not in DROPPED_CAPTION_EMBEDDINGS:
+            raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or 'zeros', got "
+                             f"{dropped_caption_embedding!r}")
         if cache_text_embeddings and train_text_encoder:
             raise ValueError("model.cache_text_embeddings needs frozen text encoders; it cannot be combined with "
                              "model.train_text_encoder=true (turn one of them off)")
@@ -157,23 +231,28 @@ class SDLoRAModule(pl.LightningModule):
             if self.hparams[key] is not None:
                 self.hparams[key] = str(self.hparams[key])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        self.lora_alpha = self.adapter_spec.alpha
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         parts = load_components(pretrained, model_family, base_config)
         self.family = parts.family
+        if dropped_caption_embedding == "zeros" and self.family != "sdxl":
+            raise ValueError(f"model.dropped_caption_embedding='zeros' is for SDXL models; this is an {self.family} "
+                             "model, whose pipelines sample the unconditional with the empty prompt: use "
+                             "'empty_prompt' (or leave it unset)")
+        self.dropped_caption_embedding = dropped_caption_embedding
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.text_encoder_2 = parts.text_encoder_2  # SDXL only
         self.tokenizer, self.tokenizer_2 = parts.tokenizer, parts.tokenizer_2
         self.vae.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # the same seed gives the same LoRA initialisation
             torch.manual_seed(seed)
-            add_lora(self.unet, rank=lora_rank, alpha=self.lora_alpha, targets=TARGET_PRESETS[target_preset],
-                     init=lora_init)
+            add_adapter(self.unet, self.adapter_spec, TARGET_PRESETS[target_preset])
             for encoder in self.text_encoders:
                 if train_text_encoder:
-                    add_lora(encoder, rank=lora_rank, alpha=self.lora_alpha, targets=TEXT_TARGETS, init=lora_init)
+                    add_adapter(encoder, self.adapter_spec, TEXT_TARGETS)
                 else:
                     encoder.requires_grad_(False)
+        self._explain_adapter()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -183,11 +262,11 @@ class SDLoRAModule(pl.LightningModule):
         self.noise_scheduler = training_scheduler(parts.scheduler_config, prediction_type=prediction_type,
                                                   zero_terminal_snr=zero_terminal_snr)
         self.generator = torch.Generator().manual_seed(seed)
-        self.extra_lora_metadata: dict[str, Any] = {}  # filled by the data module (tag frequency, ...)
+        self.extra_lora_metadata: dict[str, Any] = {}
         self.val_loss = DenoisingLoss()
         self.exported: list[Path] = []
         self.latent_cache: Optional[LatentCache] = None  # built at fit start when cache_latents is set
-        self._restored_generator: Optional[Tensor] = None
+        self._restored_generators: Optional[list[Tensor]] = None
         self._sampled_at = -1
         self._output_dir: Optional[Path] = None
         self.scheduler_config = parts.scheduler_config
@@ -196,6 +275,46 @@ class SDLoRAModule(pl.LightningModule):
     def text_encoders(self) -> list[torch.nn.Module]:
         """The text encoders: one, or SDXL's two."""
         return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    def _explain_adapter(self) -> None:
+        """Say what an adapter setting leads to when it differs from what a user of LyCORIS expects."""
+        spec = self.adapter_spec
+        if spec.use_tucker and self.hparams.target_preset != "all":
+            rank_zero_warn("model.use_tucker only changes conv layers with k×k kernels, and "
+                           f"model.target_preset={self.hparams.target_preset!r} puts the adapter on none; use "
+                           "target_preset 'all' or leave use_tucker unset")
+        if spec.kind == "lokr":
+            unloadable = [path for network in self._lora_networks().values()
+                          for path in lycoris_unloadable_layers(network)]
+            if unloadable:
+                rank_zero_warn(f"model.lokr_factor={spec.lokr_factor} is above the square root of {len(unloadable)} "
+                               f"adapted layers' sizes (e.g. {unloadable[0]}): peft makes the small Kronecker "
+                               "factor the larger one there, and LyCORIS (kohya sd-scripts) cannot load those layers "
+                               "from the file (ComfyUI can). Use a smaller lokr_factor, or -1")
+            full = [path for network in self._lora_networks().values() for path in full_kronecker_layers(network)]
+            if full and spec.alpha != spec.rank:
+                rank_zero_info(f"{len(full)} LoKr layers hold both Kronecker factors as full matrices (model.lora_rank "
+                               f"{spec.rank} is at least half of each factor's size); peft scales them by alpha/rank = "
+                               f"{spec.alpha / spec.rank:g} like the others, where LyCORIS would use 1. The exported "
+                               "files hold peft's scale. For LyCORIS-style full-matrix LoKr set lora_alpha equal to "
+                               "lora_rank; for factored layers use a smaller rank or a larger lokr_factor")
+
+    def tokenizers(self) -> tuple[Any, Optional[Any]]:
+        """The tokenizer, and SDXL's second one (``None`` otherwise): what a data module without
+        tokenizers of its own uses (:class:`emolightning.batch.TokenizerProvider`)."""
+        return self.tokenizer, self.tokenizer_2
+
+    def _lora_networks(self) -> dict[str, torch.nn.Module]:
+        """The networks that carry a LoRA, by their attribute names."""
+        networks = {"unet": self.unet}
+        if self.hparams.train_text_encoder:
+            networks.update(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
+        return networks
+
+    def _training_data(self) -> Optional[CaptionedData]:
+        """The Trainer's data module when it describes its captions (ImageCaptionDataModule does)."""
+        data = self._trainer.datamodule if self._trainer is not None else None
+        return data if isinstance(data, CaptionedData) else None
 
     # ------------------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
@@ -224,16 +343,15 @@ class SDLoRAModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._output_dir = None
         self.output_dir()
-        if self.text_cache is not None:
-            data = getattr(self.trainer, "datamodule", None)
-            hp = getattr(data, "hparams", {})
-            augmented = [name for name in ("caption_dropout", "shuffle_tags") if hp.get(name)]
-            if augmented:
+        data = self._training_data()
+        if self.text_cache is not None and data is not None:
+            augmentations = data.caption_augmentations
+            if augmentations:
                 self.text_cache = None
                 rank_zero_warn(f"model.cache_text_embeddings is off for this run: the data module augments captions "
-                               f"({', '.join(f'data.{n}' for n in augmented)}), so captions rarely repeat and the cache "
-                               "would only grow. Turn the augmentation off to cache the text encoders' output.")
-            elif callable(getattr(data, "captions", None)):
+                               f"({', '.join(augmentations)}), so captions rarely repeat and the cache would only "
+                               "grow. Turn the augmentation off to cache the text encoders' output.")
+            else:
                 self.precompute_text_embeddings(data.captions())
         mode = self.hparams.cache_latents
         if mode != "none" and self.latent_cache is None:
@@ -250,6 +368,10 @@ class SDLoRAModule(pl.LightningModule):
         for file_format in self.hparams.export_formats:
             path = folder / f"lora-step{self.trainer.global_step}.{file_format}.safetensors"
             self.exported.append(self.export_lora(path, format=file_format, dtype=dtype))
+            spec = self.adapter_spec
+            loads, *others = readers(spec.kind, file_format).split("\n")
+            label = "\n  ".join([f"{spec.label} ({file_format}: {loads})", *others])
+            run_events(self.trainer).publish(label, self.exported[-1])
 
     # ---------------------------------------------------------------------------- step
     def encode_text(self, input_ids: Tensor, input_ids_2: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -258,53 +380,51 @@ class SDLoRAModule(pl.LightningModule):
             if self.text_encoder_2 is None:
                 return self.text_encoder(input_ids)[0], None
             if input_ids_2 is None:
-                raise ValueError("an SDXL batch needs 'input_ids_2' (the captions through tokenizer_2) beside "
-                                 "'input_ids'; ImageCaptionDataModule adds it")
+                raise ValueError(f"an SDXL batch needs '{INPUT_IDS_2}' (the captions through tokenizer_2) beside "
+                                 f"'{INPUT_IDS}'; ImageCaptionDataModule adds it")
             return sdxl_text_embeddings(self.text_encoder, self.text_encoder_2, input_ids, input_ids_2)
 
-    def _text_embeddings(self, batch: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        input_ids, input_ids_2 = batch["input_ids"], batch.get("input_ids_2")
-        cache = self.text_cache
-        if cache is None:
-            return self.encode_text(input_ids, input_ids_2)
-        keys = [cache.key(input_ids[i], None if input_ids_2 is None else input_ids_2[i])
-                for i in range(input_ids.shape[0])]
-        missing = [i for i, key in enumerate(keys) if key not in cache.entries]
-        cache.hits += len(keys) - len(missing)
-        cache.misses += len(missing)
-        if missing:
-            device = self.text_encoder.device  # the CPU once the encoders have been moved out of the way
-            with torch.no_grad():
-                hidden, pooled = self.encode_text(input_ids[missing].to(device),
-                                                  None if input_ids_2 is None else input_ids_2[missing].to(device))
-            for row, index in enumerate(missing):
-                cache.entries[keys[index]] = (hidden[row].cpu(), None if pooled is None else pooled[row].cpu())
-        entries = [cache.entries[key] for key in keys]
-        hidden = torch.stack([entry[0] for entry in entries]).to(input_ids.device)
-        pooled = None if entries[0][1] is None else torch.stack([entry[1] for entry in entries]).to(input_ids.device)
+    def _text_embeddings(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
+        """The batch's text embeddings; rows marked ``caption_dropped`` get the unconditional
+        embedding (the empty prompt's, whatever the batch holds there, or zeros)."""
+        input_ids, input_ids_2 = batch[INPUT_IDS], batch.get(INPUT_IDS_2)
+        dropped = batch.get(CAPTION_DROPPED)
+        dropped = dropped.to(device=input_ids.device, dtype=torch.bool) if dropped is not None else None
+        if dropped is not None and not dropped.any():
+            dropped = None
+        if dropped is not None:
+            input_ids = torch.where(dropped[:, None], tokenize(self.tokenizer, "").to(input_ids), input_ids)
+            if input_ids_2 is not None:
+                input_ids_2 = torch.where(dropped[:, None], tokenize(self.tokenizer_2, "").to(input_ids_2), input_ids_2)
+        if self.text_cache is None:
+            hidden, pooled = self.encode_text(input_ids, input_ids_2)
+        else:  # the text encoders' device: the CPU once precompute_text_embeddings has moved them out of the way
+            hidden, pooled = self.text_cache.embeddings(input_ids, input_ids_2, self.encode_text,
+                                                        encode_device=self.text_encoder.device)
+        if dropped is not None and self.dropped_caption_embedding == "zeros":
+            hidden = hidden.masked_fill(dropped[:, None, None], 0.0)
+            pooled = pooled.masked_fill(dropped[:, None], 0.0) if pooled is not None else None
         return hidden, pooled
 
     def precompute_text_embeddings(self, captions: list[str], batch_size: int = 16) -> None:
-        """Fill the text cache with ``captions`` and move the text encoders to the CPU (an
-        uncached caption later is still encoded there, slowly)."""
+        """Fill the text cache with ``captions`` and the empty prompt (what dropped captions are
+        encoded as), and move the text encoders to the CPU (an uncached caption later is still
+        encoded there, slowly)."""
         if self.text_cache is None:
             raise ValueError("precompute_text_embeddings needs model.cache_text_embeddings=true")
-        for start in range(0, len(captions), batch_size):
-            chunk = captions[start:start + batch_size]
-            batch = {"input_ids": tokenize(self.tokenizer, chunk).to(self.device)}
-            if self.tokenizer_2 is not None:
-                batch["input_ids_2"] = tokenize(self.tokenizer_2, chunk).to(self.device)
-            self._text_embeddings(batch)
+        captions = list(dict.fromkeys([*captions, ""]))
+        self.text_cache.precompute(captions, self.tokenizer, self.tokenizer_2, self.encode_text, device=self.device,
+                                   encode_device=self.text_encoder.device, batch_size=batch_size)
         for encoder in self.text_encoders:
             encoder.to("cpu")
 
-    def unet_conditioning(self, batch: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+    def unet_conditioning(self, batch: Batch, latents: Tensor) -> dict[str, Any]:
         """Keyword arguments for the UNet: the text embedding, and for SDXL the pooled
         embedding and micro-conditioning time ids."""
         hidden, pooled = self._text_embeddings(batch)
         if pooled is None:
             return {"encoder_hidden_states": hidden}
-        ids = batch.get("time_ids")
+        ids = batch.get(TIME_IDS)
         if ids is None:
             scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
             ids = default_time_ids(latents.shape[0], latents.shape[2] * scale, latents.shape[3] * scale)
@@ -322,33 +442,24 @@ class SDLoRAModule(pl.LightningModule):
         dist = self._vae_encode(pixel_values)
         return dist.sample(generator=self.generator) * self.vae.config.scaling_factor
 
-    @torch.no_grad()
-    def _cached_latents(self, pixel_values: Tensor, keys: list[str]) -> Tensor:
-        cache = self.latent_cache
-        found = [cache.get(key) if key else None for key in keys]
-        missing = [i for i, latents in enumerate(found) if latents is None]
-        if missing:
-            # each image's latent draw is seeded by its key, so a cache rebuilt after a resume holds
-            # the same latents as the one it replaces
-            dist = self._vae_encode(pixel_values[missing])
-            draws = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
-                int(hashlib.sha1(keys[i].encode()).hexdigest()[:15], 16))) for i in missing])
-            encoded = (dist.mean + dist.std * draws.to(dist.mean)) * self.vae.config.scaling_factor
-            for position, index in enumerate(missing):
-                found[index] = encoded[position]
-                if keys[index]:  # an empty key: augmented this time, not cacheable
-                    cache.put(keys[index], encoded[position])
-        return torch.stack([latents.to(pixel_values.device) for latents in found])
-
-    def diffusion_step(self, batch: dict[str, Tensor], timesteps: Optional[Tensor] = None,
-                       noise: Optional[Tensor] = None) -> Tensor:
-        """The loss of one batch; ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
-        if "latents" in batch:
-            latents = batch["latents"]
-        elif self.latent_cache is not None and batch.get("cache_key"):
-            latents = self._cached_latents(batch["pixel_values"], batch["cache_key"])
+    def _latents(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
+        """The batch's scaled latents: given, from the latent cache, or encoded now; and its loss
+        mask at the latent size (``None`` without ``loss_mask``), stored with the cached latents."""
+        masks = batch.get(LOSS_MASK)
+        if LATENTS in batch:
+            latents = batch[LATENTS]
+        elif self.latent_cache is not None and batch.get(CACHE_KEY):
+            return self.latent_cache.latents(batch[PIXEL_VALUES], batch[CACHE_KEY], self._vae_encode,
+                                             self.vae.config.scaling_factor, generator=self.generator, masks=masks)
         else:
-            latents = self.encode_images(batch["pixel_values"])
+            latents = self.encode_images(batch[PIXEL_VALUES])
+        return latents, None if masks is None else latent_mask(masks, latents.shape[-2:])
+
+    def diffusion_step(self, batch: Batch, timesteps: Optional[Tensor] = None,
+                       noise: Optional[Tensor] = None) -> Tensor:
+        """The loss of one batch (mask-weighted with the batch's ``loss_mask``);
+        ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
+        latents, mask = self._latents(batch)
         latents = latents.float()
         if noise is None:
             noise = sample_noise(latents, noise_offset=self.hparams.noise_offset, generator=self.generator)
@@ -364,25 +475,28 @@ class SDLoRAModule(pl.LightningModule):
         if self.hparams.snr_gamma is not None:
             weights = min_snr_weights(snr(self.noise_scheduler, timesteps), self.hparams.snr_gamma,
                                       self.noise_scheduler.config.prediction_type)
-        return diffusion_loss(prediction, target, weights)
+        return diffusion_loss(prediction, target, weights, mask)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.diffusion_step(batch)
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[INPUT_IDS].shape[0])
         return loss
 
     # ---------------------------------------------------------------------- validation
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Denoising error of each held-out image at fixed timesteps and noise."""
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Denoising error of each held-out image at fixed timesteps and noise, mask-weighted
+        with ``masked_validation`` (the default) when the batch has a ``loss_mask``."""
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
-        if "latents" in batch:
-            latents = batch["latents"].float()
+        if LATENTS in batch:
+            latents = batch[LATENTS].float()
         else:
-            latents = self._vae_encode(batch["pixel_values"]).mode().float() * self.vae.config.scaling_factor
+            latents = self._vae_encode(batch[PIXEL_VALUES]).mode().float() * self.vae.config.scaling_factor
         low = self.hparams.min_timestep
         high = self.hparams.max_timestep or self.noise_scheduler.config.num_train_timesteps
         fixed = torch.linspace(low, high - 1, self.hparams.validation_timesteps).round().long()
         conditioning = self.unet_conditioning(batch, latents)
+        masks = batch.get(LOSS_MASK) if self.hparams.masked_validation else None
+        mask = None if masks is None else latent_mask(masks, latents.shape[-2:])
         errors = []
         for t in fixed.tolist():
             timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
@@ -390,7 +504,7 @@ class SDLoRAModule(pl.LightningModule):
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             target = training_target(self.noise_scheduler, latents, noise, timesteps)
             prediction = self.unet(noisy, timesteps, **conditioning).sample
-            errors.append(((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1))
+            errors.append(per_image_error(prediction, target, mask))
         self.val_loss.update(torch.stack(errors).mean(dim=0))
         self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=latents.shape[0])
 
@@ -403,68 +517,28 @@ class SDLoRAModule(pl.LightningModule):
             self._sampled_at = step
             self.save_samples(step)
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: Optional[int] = None) -> list[Any]:
         """Images (PIL) for ``prompts`` from the model as it is now, one fixed seed per prompt."""
         pipe = self.pipeline()
-        parked = [encoder for encoder in self.text_encoders if encoder.device != self.device]
-        for encoder in parked:  # text encoders moved to the CPU by the text cache come back for sampling
-            encoder.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        base = self.hparams.seed if seed is None else seed
-        was_training = self.training
-        self.eval()
-        try:
-            images = []
-            for index, prompt in enumerate(prompts):
-                generator = torch.Generator(device="cpu").manual_seed(base + index)
-                with torch.autocast(self.device.type, enabled=self.unet.dtype != torch.float32 and self.device.type == "cuda"):
-                    latents = pipe(prompt, height=self.hparams.sample_size, width=self.hparams.sample_size,
-                                   num_inference_steps=self.hparams.sample_inference_steps,
-                                   guidance_scale=self.hparams.sample_guidance_scale, generator=generator,
-                                   output_type="latent").images
-                # decoded outside autocast, at the VAE's own dtype: a VAE kept in fp32 stays fp32
-                with torch.autocast(self.device.type, enabled=False):
-                    decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-                images += pipe.image_processor.postprocess(decoded.float(), output_type="pil")
-            return images
-        finally:
-            self.train(was_training)
-            for encoder in parked:
-                encoder.to("cpu")
+        with sampling_mode(self, self.text_encoders, self.device):
+            return generate_images(pipe, prompts, seed=self.hparams.seed if seed is None else seed,
+                                   size=self.hparams.sample_size, inference_steps=self.hparams.sample_inference_steps,
+                                   guidance_scale=self.hparams.sample_guidance_scale)
 
     def pipeline(self) -> Any:
         """A diffusers pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``)
         around this module's networks, LoRA included, with a DDIM sampler."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        if self.text_encoder_2 is not None:
-            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder,
-                                             text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
-                                             tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler)
-        return StableDiffusionPipeline(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder,
-                                       tokenizer=self.tokenizer, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        return build_pipeline(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                              scheduler_config=self.scheduler_config, text_encoder_2=self.text_encoder_2,
+                              tokenizer_2=self.tokenizer_2,
+                              force_zeros_for_empty_prompt=self.dropped_caption_embedding == "zeros")
 
     def save_samples(self, step: int) -> Path:
         """Draw the sample prompts and save them as one PNG grid (and to TensorBoard)."""
-        import numpy as np
-        from PIL import Image
-
         images = self.generate(list(self.hparams.sample_prompts))
-        width, height = images[0].size
-        grid = Image.new("RGB", (width * len(images), height))
-        for index, image in enumerate(images):
-            grid.paste(image, (index * width, 0))
-        folder = self.output_dir() / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path, temporary = folder / f"step{step:06d}.png", folder / f".step{step:06d}.png.partial"
-        grid.save(temporary, format="PNG")
-        os.replace(temporary, path)
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        path = save_image_grid(images, self.output_dir() / "samples", step, getattr(self.logger, "experiment", None))
+        if self._trainer is not None:
+            run_events(self.trainer).publish("sample images", path.parent)
         return path
 
     # ---------------------------------------------------------------------- optimizer
@@ -478,40 +552,60 @@ class SDLoRAModule(pl.LightningModule):
                 if lrs[name] is not None:
                     group["lr"] = lrs[name]
                 groups.append(group)
-        optimizer = self.optimizer_factory(groups) if self.optimizer_factory else EmoNavi(groups, lr=DEFAULT_LR)
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = EmoNavi(groups, lr=DEFAULT_LR, fused=True)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
+    # ---------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # torch 2.13 cannot hand a torch.Generator to a spawned process (ddp_spawn) through its
+        # default file-descriptor sharing ("unable to resize file"): it travels as bytes
+        state = super().__getstate__()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator_state = state.get("generator")
+        if isinstance(generator_state, bytes):
+            generator = torch.Generator()
+            generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+            state = {**state, "generator": generator}
+        super().__setstate__(state)
+
     # ---------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["emolightning_generator"] = self.generator.get_state()
+        # every process draws its own noise (seeded with seed + rank): keep every stream, not only
+        # rank 0's (Lightning builds the checkpoint on every process and writes rank 0's)
+        state = self.generator.get_state()
+        states = self.all_gather(state.to(self.device)).cpu() if self.trainer.world_size > 1 else state[None]
+        checkpoint["emolightning_generators"] = [rank_state.clone() for rank_state in states.unbind()]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("emolightning_generator")
-        if state is not None:
-            self._restored_generator = state
+        states = checkpoint.get("emolightning_generators")
+        if states is None and checkpoint.get("emolightning_generator") is not None:  # saved by an older version
+            states = [checkpoint["emolightning_generator"]]
+        self._restored_generators = states
 
     def on_train_start(self) -> None:
-        state = self._restored_generator
-        if state is not None:  # setup() re-seeded; a resumed run continues the saved stream
-            self.generator.set_state(state)
-            self._restored_generator = None
+        states = self._restored_generators
+        if states is not None:  # setup() re-seeded; a resumed run continues the saved streams
+            if len(states) == self.trainer.world_size:
+                self.generator.set_state(states[self.global_rank].clone())  # a view would crash set_state
+            else:  # another process count: fresh streams, apart per process and from the first run's
+                self.generator.manual_seed(self.hparams.seed + self.global_rank + 1_000_003 * self.global_step)
+            self._restored_generators = None
 
     # --------------------------------------------------------------------------- export
-    def _lora_layers(self, network: torch.nn.Module, prefix: str,
-                     weights: Optional[dict[str, Tensor]]) -> dict[str, Tensor]:
-        overrides = None
-        if weights is not None:
-            overrides = {**network.state_dict(), **{k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}}
-        return lora_state_dict(network, overrides)
-
     def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None,
                     format: str = "kohya", dtype: Optional[torch.dtype] = None) -> Path:
-        """Write the LoRA as one ``.safetensors`` file, to a temporary name first.
+        """Write the adapter as one ``.safetensors`` file, to a temporary name first.
 
         Args:
             path: the file to write.
@@ -519,72 +613,39 @@ class SDLoRAModule(pl.LightningModule):
                 live ones.
             format: ``"kohya"`` (``lora_unet_…``/``lora_te_…`` keys, for SDXL ``lora_te1_…``/
                 ``lora_te2_…`` and SGM UNet names as kohya's own SDXL files; float alpha; ``ss_*``
-                and ``modelspec.*`` metadata: loads in kohya sd-scripts, AUTOMATIC1111, ComfyUI
-                and diffusers) or ``"diffusers"`` (what ``save_lora_weights`` writes, with the
-                peft config so the alpha survives).
+                and ``modelspec.*`` metadata; DoRA, LoHa and LoKr in the LyCORIS layout) or
+                ``"diffusers"`` (``unet.…``/``text_encoder.…`` keys, the scale ``alpha / rank``
+                multiplied in; LoRA, DoRA, and LoKr on the UNet alone). Which program reads which:
+                LoRA kohya files load in ComfyUI, AUTOMATIC1111, kohya sd-scripts and diffusers,
+                LoRA diffusers files in diffusers 0.32 and later and in ComfyUI; for the other
+                adapters see :func:`~emolightning.diffusion.lora_files.readers` and
+                docs/sd-lora.md.
             dtype: e.g. ``torch.float16`` for a half-size file.
+
+        Raises:
+            ValueError: an unknown format, or one no program loads for this adapter (LoHa in
+                the diffusers format; LoKr there with text encoders).
         """
-        if format not in ("kohya", "diffusers"):
-            raise ValueError(f"export format must be 'kohya' or 'diffusers', got {format!r}")
+        spec = self.adapter_spec
+        check_format(spec.kind, format, text_encoders=self.hparams.train_text_encoder)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        unet = self._lora_layers(self.unet, "unet.", weights)
-        texts = ([self._lora_layers(encoder, f"{name}.", weights)
-                  for name, encoder in zip(("text_encoder", "text_encoder_2"), self.text_encoders)]
-                 if self.hparams.train_text_encoder else [])
-        if dtype is not None:
-            unet = {k: v.to(dtype) for k, v in unet.items()}
-            texts = [{k: v.to(dtype) for k, v in text.items()} for text in texts]
-        if format == "kohya":
-            xl = self.family == "sdxl"
-            layers = {"lora_unet": sgm_unet_layers(unet, self.unet.config) if xl else unet}
-            prefixes = ("lora_te1", "lora_te2") if xl else ("lora_te",)
-            layers.update({prefix: kohya_text_encoder_layers(text) for prefix, text in zip(prefixes, texts)})
-            tensors = kohya_state_dict(layers, self.lora_alpha)
-            metadata = kohya_metadata(
-                rank=self.hparams.lora_rank, alpha=self.lora_alpha, conv=self.hparams.target_preset == "all",
-                family=self.family, prediction_type=self.noise_scheduler.config.prediction_type, title=path.stem,
-                extra=self._training_metadata())
-            return save_tensors_atomically(tensors, path, metadata)
-        return self._export_diffusers(path, unet, texts)
+        networks = self._lora_networks()
+        if format == "diffusers":
+            return write_diffusers_lora(path, networks, family=self.family, weights=weights, dtype=dtype)
+        conv = self.hparams.target_preset == "all"
+        metadata = kohya_metadata(
+            rank=spec.rank, alpha=spec.alpha, conv=conv, family=self.family,
+            prediction_type=self.noise_scheduler.config.prediction_type, title=path.stem,
+            extra=self._training_metadata(), network_module=spec.network_module(), network_args=spec.network_args(conv))
+        return write_kohya_lora(path, networks, family=self.family, alpha=spec.alpha, metadata=metadata,
+                                weights=weights, dtype=dtype)
 
     def _training_metadata(self) -> dict[str, Any]:
-        hp = self.hparams
-        metadata: dict[str, Any] = {
-            "ss_output_name": "", "ss_seed": str(hp.seed), "ss_noise_offset": str(hp.noise_offset),
-            "ss_min_snr_gamma": str(hp.snr_gamma), "ss_zero_terminal_snr": str(hp.zero_terminal_snr),
-            "ss_gradient_checkpointing": str(hp.gradient_checkpointing), "ss_sd_model_name": str(hp.pretrained),
-        }
-        trainer = self._trainer
-        if trainer is not None:
-            metadata.update(ss_steps=str(trainer.global_step), ss_epoch=str(trainer.current_epoch),
-                            ss_num_epochs=str(trainer.max_epochs), ss_mixed_precision=str(trainer.precision),
-                            ss_gradient_accumulation_steps=str(trainer.accumulate_grad_batches))
-            if trainer.optimizers:
-                optimizer = trainer.optimizers[0]
-                lrs = [group["lr"] for group in optimizer.param_groups]
-                metadata.update(ss_optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-                                ss_learning_rate=str(lrs[0]), ss_unet_lr=str(lrs[0]),
-                                ss_text_encoder_lr=str(lrs[1] if len(lrs) > 1 else lrs[0]))
+        """The kohya file's ``ss_*`` keys: the settings and the Trainer's progress, the data
+        module's description of the dataset, then :attr:`extra_lora_metadata`."""
+        metadata: dict[str, Any] = training_metadata(self.hparams, self._trainer)
+        data = self._training_data()
+        if data is not None:
+            metadata.update(data.lora_metadata())
         metadata.update(self.extra_lora_metadata)
         return metadata
-
-    def _export_diffusers(self, path: Path, unet: dict[str, Tensor], texts: list[dict[str, Tensor]]) -> Path:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        # peft key names (lora_A/lora_B), which diffusers and ComfyUI read; diffusers' own
-        # convert_state_dict_to_diffusers would give attention layers old "lora.down" names but
-        # leave feed-forward layers as they are, and a mixed file does not load back
-        arguments: dict[str, Any] = {"unet_lora_layers": unet,
-                                     "unet_lora_adapter_metadata": self.unet.peft_config["default"].to_dict()}
-        for name, text, encoder in zip(("text_encoder", "text_encoder_2"), texts, self.text_encoders):
-            arguments[f"{name}_lora_layers"] = text
-            arguments[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
-        pipeline = StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
-        staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
-        try:
-            pipeline.save_lora_weights(staging, weight_name=path.name, safe_serialization=True, **arguments)
-            os.replace(staging / path.name, path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return path

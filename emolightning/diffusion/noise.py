@@ -3,7 +3,7 @@
 Noising and the velocity target come from the diffusers scheduler itself (``add_noise``,
 ``get_velocity``), so they match the model's own sampling schedule; this module adds what a
 LoRA trainer layers on top: a timestep range, noise offset, min-SNR-gamma weighting for both
-prediction types, and zero-terminal-SNR schedules.
+prediction types, zero-terminal-SNR schedules, and the loss, masked per image or not.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import Tensor
 
@@ -94,11 +95,70 @@ def min_snr_weights(snr_values: Tensor, gamma: float, prediction_type: str) -> T
     return limited / clipped
 
 
-def diffusion_loss(prediction: Tensor, target: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """Mean squared error in float32; with ``weights`` (one per image), the weighted mean of
-    the per-image errors."""
-    error = (prediction.float() - target.float()) ** 2
-    if weights is None:
-        return error.mean()
-    per_image = error.flatten(1).mean(dim=1)
-    return (per_image * weights.to(per_image)).mean()
+def squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """The element-wise squared error, in float32."""
+    return (prediction.float() - target.float()) ** 2
+
+
+def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A loss mask at the latent size: each latent pixel gets the mean weight of the image
+    pixels it covers (area averaging), so a weight is never lost or invented at an edge.
+
+    Args:
+        mask: (B, 1, H, W) weights in [0, 1] (the batch's ``loss_mask``; (B, H, W) is read as
+            one channel), at the image size or already at the latent size.
+        size: the latents' (height, width); ``H`` and ``W`` are multiples of them for exact
+            area averaging (images are 8 times the latents in SD 1.x, 2.x and SDXL).
+
+    Returns:
+        (B, 1, height, width) float32 weights.
+
+    Example:
+        >>> latent_mask(torch.ones(2, 1, 64, 64), (8, 8)).shape
+        torch.Size([2, 1, 8, 8])
+    """
+    mask = mask.float()
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.adaptive_avg_pool2d(mask, size)
+
+
+def per_image_error(prediction: Tensor, target: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """The mean squared error of each image (float32, one value per image): what the training
+    loss weights and validation reports.
+
+    With ``mask`` (B, 1, h, w) at the latent size (:func:`latent_mask`), each image's error is
+    its mask-weighted mean ``sum(mask * error) / sum(mask)`` over its latent elements: the one
+    mask weighs every latent channel alike. An image whose mask is zero everywhere has error
+    0 (and gives no gradient): nothing in it is trained.
+
+    Example:
+        >>> per_image_error(prediction, target, latent_mask(batch["loss_mask"], prediction.shape[-2:])).shape
+        torch.Size([2])
+    """
+    error = squared_error(prediction, target)
+    if mask is None:
+        return error.flatten(1).mean(dim=1)
+    weights = mask.to(error).expand_as(error).flatten(1)
+    total = weights.sum(dim=1)
+    # a zero mask has a zero numerator: any positive floor gives 0, with a finite gradient
+    return (weights * error.flatten(1)).sum(dim=1) / total.clamp(min=torch.finfo(total.dtype).tiny)
+
+
+def diffusion_loss(prediction: Tensor, target: Tensor, weights: Optional[Tensor] = None,
+                   mask: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error in float32; with ``weights`` (one per image, e.g. min-SNR) and/or
+    ``mask`` (per image, at the latent size), the mean over the batch of each image's weight
+    times its (masked) error from :func:`per_image_error`.
+
+    Example:
+        >>> loss = diffusion_loss(prediction, target, min_snr_weights(snr_values, 5.0, "epsilon"), mask)
+    """
+    if weights is None and mask is None:
+        return squared_error(prediction, target).mean()
+    per_image = per_image_error(prediction, target, mask)
+    if weights is not None:
+        per_image = per_image * weights.to(per_image)
+    return per_image.mean()

@@ -139,6 +139,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def config_files(sdxl: bool) -> list[str]:
+    """The config files and tokenizer folders of a diffusers folder of an SD 1.x/2.x (or SDXL)
+    model, relative to it."""
+    needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+              "scheduler/scheduler_config.json"]
+    return needed + (["text_encoder_2/config.json", "tokenizer_2"] if sdxl else [])
+
+
 def folder_family(folder: Path) -> str:
     """``"sdxl"`` (two text encoders, ``text_time`` micro-conditioning), ``"sd2"`` (1024-wide
     cross-attention) or ``"sd1"``, read from a diffusers folder's configs."""
@@ -170,10 +178,7 @@ def check_config_folder(config: Union[str, Path], family: str, shapes: dict[str,
     if folder_xl != (family == "sdxl"):
         raise ValueError(f"{path} is an {NAMES[family]} checkpoint but the config folder {folder} is for "
                          f"{'SDXL' if folder_xl else 'SD 1.x/2.x'}; {HINT}")
-    needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-              "scheduler/scheduler_config.json"]
-    needed += ["text_encoder_2/config.json", "tokenizer_2"] if family == "sdxl" else []
-    missing = [name for name in needed if not (folder / name).exists()]
+    missing = [name for name in config_files(family == "sdxl") if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(f"the config folder {folder} for {path} lacks {', '.join(missing)}; {HINT}")
     cross = next((s[1] for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)

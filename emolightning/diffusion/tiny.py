@@ -151,3 +151,31 @@ def build_tiny_sdxl(directory: Union[str, Path], *, prediction_type: str = "epsi
             write_tiny_tokenizer(staging / name)
 
     return _staged(directory, build)
+
+
+def randomize_lora(module: torch.nn.Module, *, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Fill every trainable weight of ``module`` (a LoRA's A and B matrices, a LoHa's or LoKr's
+    factors) with seeded normal values, in place; DoRA magnitudes are multiplied by ``1 + std·z``
+    instead, so they stay near the weights' norms. A fresh adapter changes nothing (one of its
+    matrices is zero); random ones change every layer, which is what a check of exported files
+    needs.
+
+    Args:
+        module: e.g. an :class:`~emolightning.diffusion.SDLoRAModule`.
+        seed: the random generator's seed.
+        std: the values' standard deviation.
+
+    Example:
+        >>> module = randomize_lora(SDLoRAModule("builtin:tiny", lora_rank=4))  # doctest: +SKIP
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            noise = torch.randn(parameter.shape, generator=generator) * std
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1 + noise)
+            else:
+                parameter.copy_(noise)
+    return module

@@ -1,31 +1,26 @@
-"""The base class of the Emo optimizers: loss intake, distributed mean, state and telemetry.
+"""The base class of the Emo optimizers: the step, the shadow, the public interface and state.
 
-Each optimizer subclass supplies only its update rule (``_update``) and the state it needs.
+A subclass declares three things (see :class:`EmoOptimizer`): its emotion core
+(``_make_emotion``), each parameter's state (``_init_state``) and its update rule
+(``_rule`` and ``_rule_args``, see :mod:`emolightning.optim._dispatch`). Loss intake lives in
+:mod:`emolightning.optim._loss`, the emotion arithmetic in :mod:`emolightning.optim._emotion`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from operator import itemgetter
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from emolightning.optim import _native
+from emolightning.optim._dispatch import Bucket, Dispatcher, UpdateRule
 from emolightning.optim._emotion import Emotion, EmotionSnapshot
-from emolightning.optim._multi_tensor import (
-    CompiledUpdate,
-    check_gradients,
-    group_by_device_and_dtype,
-    scalar_tensor,
-)
+from emolightning.optim._loss import LossIntake, LossLike
+from emolightning.optim._multi_tensor import check_gradients
 
-LossLike = Union[float, int, Tensor]
-_NATIVE_DTYPES = (torch.float32, torch.float64)
 _STRING_STATE_KEYS = ("ema", "scalar_hist", "global_ema", "global_scalar_hist")
 
 
@@ -64,9 +59,22 @@ class EmoOptimizer(Optimizer):
     or the value returned by ``step(closure)``. With ``sync_loss`` and an initialised
     ``torch.distributed`` group of more than one process, the loss is averaged across processes
     before it touches the emotion state, so every rank takes the same step.
+
+    Its public methods are the :class:`~emolightning.optim.EmotionalOptimizer` interface that
+    the callbacks use. A new optimizer subclasses it and provides:
+
+    * ``_make_emotion()``: the emotion core (default: the v3.6.1 :class:`Emotion`);
+    * ``_init_state(p, state)``: a parameter's state, created on its first step with a gradient;
+    * ``_rule(group)``: the :class:`~emolightning.optim._dispatch.UpdateRule` to run, and
+      ``_rule_args(rule, group, bucket)``: its hyperparameters after ``(lr, drive)``;
+    * optionally ``_step_size(group)`` (default ``group["lr"]``), ``_drive(group)`` (default
+      emoDrive), ``_before_updates()`` and
+      ``_after_updates()`` (run around the parameter updates of a step with a loss or none),
+      ``_apply_shadow(params)`` and ``_snapshot_extras()``.
     """
 
     _history_source = "scalar"
+    lr_name = "lr"
 
     def __init__(
         self,
@@ -90,19 +98,13 @@ class EmoOptimizer(Optimizer):
         self.fused = bool(fused)
         self.state_dtype = _parse_state_dtype(state_dtype)
         self.writer = writer
+        # The constructor's lr, never changed afterwards (EmoClan's decoupled weight decay divides
+        # by it, as lion-pytorch does: a lower stage LR then lowers the decay in proportion).
         self._init_lr = defaults["lr"]
         self._emotion = self._make_emotion()
-        self._fed_sum: Optional[Tensor] = None
-        self._fed_count = 0
+        self._loss = LossIntake(sync=self.sync_loss)
         self._warned_no_loss = False
-        self._compiled: dict[Any, CompiledUpdate] = {}
-        self._plans: dict[int, tuple] = {}
-        # (group index, bucket, kernel) whose tensors the native kernel refused (e.g. mixed
-        # dtypes): those take the compiled update
-        self._native_refused: set[tuple] = set()
-        # what a subclass derives from a bucket's parameters, keyed (group index, bucket, name);
-        # dropped with the group's plan when its parameters change
-        self._plan_cache: dict[tuple, Any] = {}
+        self._dispatcher = Dispatcher(type(self).__name__, foreach=foreach, fused=self.fused)
 
     def _make_emotion(self) -> Emotion:
         return Emotion(use_shadow=self.use_shadow, history_source=self._history_source)
@@ -121,51 +123,7 @@ class EmoOptimizer(Optimizer):
         ``step(loss=...)`` is given. Tensors are kept on their device: nothing is synchronised
         here. :class:`emolightning.callbacks.EmoLossFeed` calls this from Lightning.
         """
-        value = loss.detach().reshape(()).to(torch.float64) if isinstance(loss, Tensor) else \
-            torch.tensor(float(loss), dtype=torch.float64)
-        if self._fed_sum is not None and self._fed_sum.device != value.device:
-            value = value.to(self._fed_sum.device)
-        self._fed_sum = value if self._fed_sum is None else self._fed_sum + value
-        self._fed_count += 1
-
-    def _take_local_loss(self, loss: Optional[LossLike], closure_loss: Any) -> tuple[Any, int]:
-        fed_sum, fed_count = self._fed_sum, self._fed_count
-        self._fed_sum, self._fed_count = None, 0
-        if loss is not None:
-            return loss, 1
-        if fed_count:
-            return fed_sum, fed_count
-        if closure_loss is not None:
-            return closure_loss, 1
-        return None, 0
-
-    def _distributed(self) -> bool:
-        return (self.sync_loss and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1)
-
-    def _resolve_loss(self, loss: Optional[LossLike], closure_loss: Any) -> Optional[float]:
-        total, count = self._take_local_loss(loss, closure_loss)
-        if isinstance(total, Tensor) and total.numel() != 1:
-            raise ValueError(f"the loss must be a scalar, got a tensor of shape {tuple(total.shape)}")
-        if not self._distributed():
-            if count == 0:
-                return None
-            value = total.item() if isinstance(total, Tensor) else float(total)
-            return value / count if count > 1 else value
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        if count == 0:
-            pair = torch.zeros(2, dtype=torch.float64, device=device)
-        else:
-            value = total.detach().reshape(()) if isinstance(total, Tensor) else torch.tensor(float(total))
-            pair = torch.stack([value.to(device=device, dtype=torch.float64),
-                                torch.tensor(float(count), dtype=torch.float64, device=device)])
-        dist.all_reduce(pair, op=dist.ReduceOp.SUM)
-        total_sum, total_count = pair.tolist()
-        if total_count == 0:
-            return None
-        return total_sum / total_count
+        self._loss.feed(loss)
 
     # ----------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -186,7 +144,7 @@ class EmoOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
-        value = self._resolve_loss(loss, closure_loss)
+        value = self._loss.take(loss, closure_loss)
         if value is None:
             self._emotion.observe_nothing()
             self._warn_no_loss()
@@ -195,7 +153,9 @@ class EmoOptimizer(Optimizer):
             return closure_loss if closure_loss is not None else loss
         else:
             self._emotion.observe(value)
+        self._before_updates()
         self._apply_updates()
+        self._after_updates()
         if self.writer is not None:
             self._write_telemetry()
         return closure_loss if closure_loss is not None else loss
@@ -229,7 +189,7 @@ class EmoOptimizer(Optimizer):
     def _apply_updates(self) -> None:
         # Each parameter's gradient and state dict are fetched once per step and handed down:
         # on hundreds of small LoRA tensors the per-parameter Python work is a visible share
-        # of a compiled step.
+        # of a fused step.
         for index, group in enumerate(self.param_groups):
             params, grads = self._params_with_grad(group)
             if not params:
@@ -243,10 +203,22 @@ class EmoOptimizer(Optimizer):
                 self._apply_shadow(params)
             self._update_group(index, group, params, grads, states)
 
+    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
+                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """Run the group's rule on ``params`` (those with a gradient), bucket by bucket."""
+        rule = self._rule(group)
+        work, views, writeback = self._compute_views(params, grads)
+        lr, drive = self._step_size(group), self._drive(group)
+        for bucket, (ps, gs, sts) in self._dispatcher.buckets(index, params, [work, views, states]).items():
+            self._dispatcher.run(rule, index, bucket, rule.columns(ps, gs, sts), lr, drive,
+                                 self._rule_args(rule, group, bucket))
+        for p, copy in writeback:
+            p.copy_(copy)
+
     def _compute_views(self, params: list[Tensor], grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list]:
-        """Parameters and gradients as the update kernels take them: in the state dtype (copies
-        only where the dtypes differ), 0-d tensors as 1-element views, gradients laid out like
-        their parameters."""
+        """Parameters and gradients as the update rules take them: in the state dtype (copies
+        only where the dtypes differ, written back after the update), 0-d tensors as
+        1-element views, gradients laid out like their parameters."""
         if self.state_dtype is None and all(map(Tensor.is_contiguous, grads)) and all(
                 map(Tensor.is_contiguous, params)) and all(map(Tensor.dim, params)):
             return params, grads, []  # the common case, checked cheaply
@@ -265,95 +237,37 @@ class EmoOptimizer(Optimizer):
             views.append(g)
         return work, views, writeback
 
-    @staticmethod
-    def _state_list(states: list[dict[str, Any]], key: str) -> list[Tensor]:
-        """``key``'s tensor from each state dict, 0-d tensors as 1-element views."""
-        tensors = list(map(itemgetter(key), states))
-        if all(map(Tensor.dim, tensors)):
-            return tensors
-        return [t.view(1) if t.dim() == 0 else t for t in tensors]
+    # ------------------------------------------------------------------ what a subclass gives
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
 
-    def _factored_columns(self, ps: list[Tensor], gs: list[Tensor], states: list[dict[str, Any]],
-                          matrix_keys: tuple[str, ...], vector_keys: tuple[str, ...]) -> list[list[Tensor]]:
-        """Columns for a factored update: matrices (``dim >= 2``) with their ``matrix_keys``
-        state, then vectors and scalars with their ``vector_keys`` state."""
-        if all(map((2).__le__, map(Tensor.dim, ps))):  # all matrices (LoRA): no split, no 0-d views
-            return [ps, gs, *(list(map(itemgetter(key), states)) for key in matrix_keys),
-                    [], [], *([] for _ in vector_keys)]
-        columns: list[list[Tensor]] = []
-        for is_matrix, keys in ((True, matrix_keys), (False, vector_keys)):
-            picked = [i for i, p in enumerate(ps) if (p.dim() >= 2) == is_matrix]
-            columns += [[ps[i] for i in picked], [gs[i] for i in picked]]
-            columns += [self._state_list([states[i] for i in picked], key) for key in keys]
-        return columns
+    def _rule(self, group: dict[str, Any]) -> UpdateRule:
+        """The update rule that runs on ``group`` this step."""
+        raise NotImplementedError
 
-    @staticmethod
-    def _write_back(writeback: list) -> None:
-        for p, copy in writeback:
-            p.copy_(copy)
+    def _rule_args(self, rule: UpdateRule, group: dict[str, Any], bucket: Bucket) -> tuple:
+        """``rule``'s arguments after ``(lr, drive)`` for ``group``'s ``bucket``."""
+        raise NotImplementedError
 
-    def _buckets(self, index: int, params: list[Tensor], lists: list[list]) -> dict[tuple[torch.device, torch.dtype], list[list]]:
-        """``lists`` (parallel to ``params``) split by the device and dtype of the first list's
-        tensors; the split is remembered while the group's parameters stay the same."""
-        key = tuple((id(p), p.shape, p.dtype) for p in params)
-        cached = self._plans.get(index)
-        if cached is None or cached[0] != key:
-            # new parameters (or shapes): forget compiled updates made for the old ones
-            self._compiled = {k: v for k, v in self._compiled.items() if k[0] != index}
-            self._native_refused = {k for k in self._native_refused if k[0] != index}
-            self._plan_cache = {k: v for k, v in self._plan_cache.items() if k[0] != index}
-            kinds = {(t.device, t.dtype) for t in lists[0]}
-            cached = (key, next(iter(kinds)) if len(kinds) == 1 else None)
-            self._plans[index] = cached
-        if cached[1] is not None:
-            return {cached[1]: lists}
-        return group_by_device_and_dtype(lists)
+    def _step_size(self, group: dict[str, Any]) -> float:
+        """The learning rate the rule gets for ``group`` (before emoDrive)."""
+        return group["lr"]
 
-    def _run_native(self, index: int, bucket: tuple, kernel: str, lists: list[list], lr: float,
-                    drive: float, *args: Any) -> bool:
-        """On the fused path, run one bucket's update as the C++ ``kernel`` (see
-        :mod:`emolightning.optim._native`) when the bucket is on the CPU in float32 or float64
-        and the kernels are available. Returns whether it ran."""
-        device, dtype = bucket
-        key = (index, bucket, kernel)
-        if device.type != "cpu" or dtype not in _NATIVE_DTYPES or key in self._native_refused:
-            return False
-        ops = _native.native_kernels()
-        if ops is None:
-            return False
-        try:
-            getattr(ops, kernel)(*lists, float(lr), float(drive), *args)
-        except RuntimeError:  # the kernel checks every tensor before it changes any
-            self._native_refused.add(key)
-            return False
-        return True
+    def _drive(self, group: dict[str, Any]) -> float:
+        """The rule's second per-step scalar for ``group``, given after ``lr`` (default: emoDrive;
+        EmoTion: its gradient freshness). Floats here become 0-d tensors on the compiled path,
+        so a new value each step does not recompile."""
+        return self._emotion.drive
 
-    def _dispatch(self, index: int, bucket: tuple, name: str, fn: Callable[..., None],
-                  foreach_fn: Optional[Callable[..., None]], lists: list[list], lr: float,
-                  drive: float, *args: Any, native: Optional[str] = None) -> None:
-        """Run one bucket's update on the fused (native kernel ``native``, else compiled),
-        foreach or per-tensor path."""
-        device = bucket[0]
-        if self.fused and native is not None and self._run_native(index, bucket, native, lists,
-                                                                   lr, drive, *args):
-            return
-        if self.fused:
-            update = self._compiled.get((index, bucket, name))
-            if update is None:
-                update = self._compiled[(index, bucket, name)] = CompiledUpdate(fn, type(self).__name__)
-            like = next(t for column in lists for t in column)
-            update(*lists, scalar_tensor(lr, like), scalar_tensor(drive, like), *args)
-        elif foreach_fn is not None and self._use_foreach(device):
-            foreach_fn(*lists, lr, drive, *args)
-        else:
-            fn(*lists, lr, drive, *args)
+    def _before_updates(self) -> None:
+        """Runs after the emotion took this step's loss, before any parameter changes."""
 
-    def _use_foreach(self, device: torch.device) -> bool:
-        if self.foreach is not None:
-            return self.foreach
-        # torch's foreach kernels are fused on CUDA; on the CPU they loop, and the plain
-        # per-tensor update is faster (see docs/results.md).
-        return device.type == "cuda"
+    def _after_updates(self) -> None:
+        """Runs after every param group was updated."""
+
+    def _snapshot_extras(self) -> dict[str, float]:
+        """Family-specific numbers for :attr:`EmotionSnapshot.extras`."""
+        return {}
 
     # ------------------------------------------------------------------------------- shadow
     def _apply_shadow(self, params: list[Tensor]) -> None:
@@ -372,20 +286,55 @@ class EmoOptimizer(Optimizer):
             for p, shadow in zip(params, shadows):
                 shadow.lerp_(p.to(shadow.dtype), 0.1 * trust)
 
-    # --------------------------------------------------------------------- subclass contract
-    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def shadow_weights(self, params: Sequence[Tensor]) -> Optional[list[Tensor]]:
+        """This optimizer's shadow of each of ``params`` (the tensors it keeps, not copies), or
+        ``None`` unless it was built with ``use_shadow=True`` and holds one for every one of
+        them (a parameter gets its shadow on its first step with a gradient)."""
+        if not self.use_shadow:
+            return None
+        shadows = [self.state[p].get("shadow") if p in self.state else None for p in params]
+        return None if any(s is None for s in shadows) else shadows
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
-                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
-        """Update ``params`` (those of ``group`` with a gradient), given their gradients and
-        their (initialised) state dicts."""
-        raise NotImplementedError
+    @torch.no_grad()
+    def restore_from_shadow(self, params: Sequence[Tensor]) -> bool:
+        """Copy this optimizer's shadow into ``params`` (a rollback). Returns ``False`` and
+        changes nothing when :meth:`shadow_weights` has none for them."""
+        shadows = self.shadow_weights(params)
+        if shadows is None:
+            return False
+        for p, shadow in zip(params, shadows):
+            p.copy_(shadow.to(p.device, p.dtype))
+        return True
+
+    def drop_moments(self, params: Iterable[Tensor]) -> None:
+        """Forget the state of ``params`` (moments, factors); a shadow is kept. They start
+        afresh at their next step, as in a new training session."""
+        for p in params:
+            if p in self.state:
+                kept = {k: v for k, v in self.state[p].items() if k == "shadow"}
+                if kept:  # a state that is not empty is not initialised at the next step
+                    self._init_state(p, kept)
+                self.state[p] = kept
+
+    # --------------------------------------------------------------------------- learning rate
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every param group's ``lr`` (and ``initial_lr``, which schedulers start from)
+        by ``factor``: what a lower-LR continuation stage does."""
+        for group in self.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+
+    def lr_values(self) -> list[float]:
+        """Each param group's ``lr``."""
+        return [float(group["lr"]) for group in self.param_groups]
 
     # ------------------------------------------------------------------------- observability
     @property
     def should_stop(self) -> bool:
-        """True once the emotion history has stayed quiet for 32 steps (sticky until reset)."""
+        """The optimizer's "learning has gone quiet" signal: for EmoNavi's family, True once the
+        emotion history has stayed quiet for 32 steps (sticky until reset); for EmoSens's,
+        recomputed after every step with a loss."""
         return self._emotion.should_stop
 
     @should_stop.setter
@@ -405,7 +354,7 @@ class EmoOptimizer(Optimizer):
                 author's "fresh start" variant.
         """
         self._emotion.reset()
-        self._fed_sum, self._fed_count = None, 0
+        self._loss.clear()
         if moments:
             self.state.clear()
 
@@ -421,7 +370,7 @@ class EmoOptimizer(Optimizer):
             blend_ratio=e.ratio, blend_count=e.blend_count, should_stop=e.should_stop,
             lr=lrs, effective_lr=tuple(lr * e.drive for lr in lrs), branch=self._branch(),
             steps_without_loss=e.steps_without_loss, nonfinite_losses=e.nonfinite_losses,
-            ema=e.ema_view,
+            ema=e.ema_view, extras=self._snapshot_extras(),
         )
 
     def _write_telemetry(self) -> None:

@@ -84,6 +84,8 @@ class EmotionSnapshot:
         steps_without_loss: steps that received no loss and so left the emotion neutral.
         nonfinite_losses: steps skipped because the loss was NaN or infinite.
         ema: the loss running averages (``short``, ``medium``, ``long``; EmoClan has no medium).
+        extras: numbers particular to an optimizer family (e.g. the EmoSens family's emoPulse),
+            by name; logged and compared across processes like the fields above.
     """
 
     step: int
@@ -99,6 +101,7 @@ class EmotionSnapshot:
     steps_without_loss: int
     nonfinite_losses: int
     ema: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, float] = field(default_factory=dict)
 
 
 class Emotion:

@@ -7,7 +7,9 @@ AdamW: every element is read and written once and the work is split across torch
 threads, with no per-tensor Python or compiled-graph input checks. The source is compiled with
 ``torch.utils.cpp_extension`` the first time it is needed (a few seconds; it needs a C++
 compiler, as ``torch.compile`` does on the CPU, and ``ninja``) and cached in torch's extension
-folder (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+folder (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), in a build folder
+named after the source's contents and place, so that checkouts or versions sharing that folder
+never rebuild each other's kernels.
 
 Everything else (CUDA tensors, float16/bfloat16 buckets, tensors of mixed dtypes) takes the
 ``torch.compile``-d update. If the kernels cannot be built, a warning says why once and the
@@ -16,6 +18,7 @@ compiled update is used. ``EMOLIGHTNING_NATIVE_KERNELS=0`` turns them off.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -26,7 +29,17 @@ from typing import Any, Optional
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "emo_kernels.cpp"
-LIBRARY = "emolightning_kernels"
+
+
+def _library_name(source: Path) -> str:
+    # One build folder per source file and place: torch rebuilds a library whose build file
+    # changed, so two checkouts (or versions) sharing one extension folder would rebuild it in
+    # turn, and a process could load the library while another rewrote it.
+    digest = hashlib.sha1(source.read_bytes() + str(source.resolve()).encode()).hexdigest()[:12]
+    return f"emolightning_kernels_{digest}"
+
+
+LIBRARY = _library_name(SOURCE)
 
 enabled = os.environ.get("EMOLIGHTNING_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 _ops: Optional[Any] = None

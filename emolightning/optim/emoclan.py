@@ -8,11 +8,10 @@ import torch
 from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer, _validate
+from emolightning.optim._dispatch import Bucket, UpdateRule
 from emolightning.optim._emotion import Emotion, LegacyEmotion, legacy_scalar, legacy_shadow_ratio, update_legacy_ema
-from emolightning.optim._multi_tensor import (
-    step_,
-)
-from emolightning.optim.emolynx import lynx_update, lynx_update_foreach
+from emolightning.optim._multi_tensor import step_
+from emolightning.optim.emolynx import LYNX
 
 _FP32 = torch.float32
 
@@ -50,6 +49,15 @@ def clan_fact_update(params: list[Tensor], grads: list[Tensor], rows: list[Tenso
         step_(p, m, lr, scale, v.sqrt().add_(eps))
 
 
+CLAN_RULES = {
+    "navi": UpdateRule("navi", clan_navi_update, state_keys=("exp_avg_navi", "exp_avg_sq_navi"), native="navi_step_"),
+    # v3.0's factored rule has no native kernel
+    "fact": UpdateRule("fact", clan_fact_update, state_keys=("exp_avg_r_fact", "exp_avg_c_fact"),
+                       vector_keys=("exp_avg_fact", "exp_avg_sq_fact")),
+    "lynx": UpdateRule("lynx", LYNX.loop, state_keys=("exp_avg_lynx",), foreach=LYNX.foreach, native=LYNX.native),
+}
+
+
 class EmoClan(EmoOptimizer):
     """EmoClan (v3.0): a global emotion scalar chooses the update rule every step.
 
@@ -65,8 +73,10 @@ class EmoClan(EmoOptimizer):
         eps: added to the roots of the second moments.
         weight_decay: decoupled weight decay.
         lynx_betas: betas of the Lynx rule.
-        decoupled_weight_decay: Lynx rule only: divide ``weight_decay`` by the initial lr
-            (lion-pytorch's convention), as in the reference.
+        decoupled_weight_decay: Lynx rule only: divide ``weight_decay`` by the constructor's
+            lr (lion-pytorch's convention), as in the reference. That lr stays fixed: a lower
+            continuation-stage LR lowers the decay in proportion, as a schedule does in
+            lion-pytorch.
         use_shadow: per-parameter shadow blended in proportion to the parameter's own scalar.
         sync_loss, foreach, fused, state_dtype, writer: as for EmoNavi (``foreach`` applies
             to the Lynx rule; the others run per tensor unless ``fused``).
@@ -155,26 +165,15 @@ class EmoClan(EmoOptimizer):
         branch = self._branch()
         for p, state in zip(params, states):
             self._branch_state(p, state, branch)
-        work, grads, writeback = self._compute_views(params, grads)
-        beta1, beta2 = group["betas"]
-        eps, wd = group["eps"], group["weight_decay"]
-        for bucket, (ps, gs, sts) in self._buckets(index, params, [work, grads, states]).items():
-            if branch == "lynx":
-                if group["decoupled_weight_decay"]:
-                    wd = wd / self._init_lr
-                columns = [ps, gs, self._state_list(sts, "exp_avg_lynx")]
-                rule, foreach_rule, args = lynx_update, lynx_update_foreach, (*group["lynx_betas"], wd)
-                native = "lynx_step_"
-            elif branch == "navi":
-                columns = [ps, gs, self._state_list(sts, "exp_avg_navi"),
-                           self._state_list(sts, "exp_avg_sq_navi")]
-                rule, foreach_rule, args = clan_navi_update, None, (beta1, beta2, eps, wd)
-                native = "navi_step_"
-            else:
-                columns = self._factored_columns(ps, gs, sts, ("exp_avg_r_fact", "exp_avg_c_fact"),
-                                                 ("exp_avg_fact", "exp_avg_sq_fact"))
-                rule, foreach_rule, args = clan_fact_update, None, (beta1, beta2, eps, wd)
-                native = None  # v3.0's factored rule has no native kernel
-            self._dispatch(index, bucket, branch, rule, foreach_rule, columns, group["lr"],
-                           self._emotion.drive, *args, native=native)
-        self._write_back(writeback)
+        super()._update_group(index, group, params, grads, states)
+
+    def _rule(self, group: dict[str, Any]) -> UpdateRule:
+        return CLAN_RULES[self._branch()]
+
+    def _rule_args(self, rule: UpdateRule, group: dict[str, Any], bucket: Bucket) -> tuple:
+        wd = group["weight_decay"]
+        if rule.name == "lynx":
+            if group["decoupled_weight_decay"]:
+                wd = wd / self._init_lr
+            return (*group["lynx_betas"], wd)
+        return (*group["betas"], group["eps"], wd)

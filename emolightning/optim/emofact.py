@@ -8,11 +8,8 @@ import torch
 from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer
-from emolightning.optim._multi_tensor import (
-    decay_,
-    floored_eps,
-    step_,
-)
+from emolightning.optim._dispatch import Bucket, Columns, Dispatcher, UpdateRule
+from emolightning.optim._multi_tensor import decay_, floored_eps, step_
 
 
 # Matrices of up to this many elements share loops on the fused path (fact_update_fused): 16
@@ -113,6 +110,39 @@ def fact_update_foreach(params: list[Tensor], grads: list[Tensor], rows: list[Te
     torch._foreach_add_(every_param, signs, alpha=-lr * drive)
 
 
+def init_factored_state(p: Tensor, state: dict[str, Any], dtype: torch.dtype) -> None:
+    """A factored rule's state: a row (``exp_avg_r``, shape ``(d0, 1, ...)``) and a column
+    (``exp_avg_c``, ``(1, d1, ...)``) statistic for a matrix or conv kernel, ``exp_avg_sq``
+    shaped like ``p`` for vectors and scalars (EmoFact and EmoAiry)."""
+    if p.dim() >= 2:
+        state["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype, device=p.device)
+        state["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dtype, device=p.device)
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _with_shared_ones(dispatcher: Dispatcher, key: tuple, columns: Columns) -> Columns:
+    """The columns of :func:`fact_update_fused`: :func:`fact_update`'s, with one ``(1, *shape[1:])``
+    tensor of ones per distinct row shape among the matrices of at most ``SHARED_LOOP_NUMEL``
+    elements inserted after the column statistics. Kept with the bucket's plan; not state."""
+    matrices = columns[0]
+    index, bucket, _ = key
+    cache_key = (index, bucket, "ones")
+    ones = dispatcher.plan_cache.get(cache_key)
+    if ones and ones[0].device != matrices[0].device:  # parameters moved after the plan was made
+        ones = None
+    if ones is None:
+        rows = {tuple(m.shape[1:]): m for m in matrices if m.numel() <= SHARED_LOOP_NUMEL}
+        ones = dispatcher.plan_cache[cache_key] = [torch.ones((1, *row), dtype=m.dtype, device=m.device)
+                                                   for row, m in rows.items()]
+    return [*columns[:4], ones, *columns[4:]]
+
+
+FACT = UpdateRule("fact", fact_update, state_keys=("exp_avg_r", "exp_avg_c"), vector_keys=("exp_avg_sq",),
+                  foreach=fact_update_foreach, compiled=fact_update_fused, native="fact_step_",
+                  compiled_inputs=_with_shared_ones)
+
+
 class EmoFact(EmoOptimizer):
     """EmoFact (v3.6.1): a sign step scaled by emoDrive, with Adafactor-style factored state.
 
@@ -154,39 +184,10 @@ class EmoFact(EmoOptimizer):
                          foreach=foreach, fused=fused, state_dtype=state_dtype, writer=writer)
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        dtype = self._state_dtype_for(p)
-        if p.dim() >= 2:
-            state["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dtype, device=p.device)
-            state["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dtype, device=p.device)
-        else:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        init_factored_state(p, state, self._state_dtype_for(p))
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
-                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
-        work, grads, writeback = self._compute_views(params, grads)
-        for bucket, (ps, gs, sts) in self._buckets(index, params, [work, grads, states]).items():
-            columns = self._factored_columns(ps, gs, sts, ("exp_avg_r", "exp_avg_c"), ("exp_avg_sq",))
-            args = (group["lr"], self._emotion.drive, *group["betas"],
-                    floored_eps(group["eps"], bucket[1]), group["weight_decay"])
-            if self.fused and self._run_native(index, bucket, "fact_step_", columns, *args):
-                continue
-            update = fact_update
-            if self.fused:
-                columns.insert(4, self._shared_ones(index, bucket, columns[0]))
-                update = fact_update_fused
-            self._dispatch(index, bucket, "fact", update, fact_update_foreach, columns, *args)
-        self._write_back(writeback)
+    def _rule(self, group: dict[str, Any]) -> UpdateRule:
+        return FACT
 
-    def _shared_ones(self, index: int, bucket: tuple, matrices: list[Tensor]) -> list[Tensor]:
-        """For :func:`fact_update_fused`: one ``(1, *shape[1:])`` tensor of ones per distinct row
-        shape among the ``matrices`` of at most ``SHARED_LOOP_NUMEL`` elements. Kept with the
-        bucket's plan; not optimizer state."""
-        key = (index, bucket, "ones")
-        ones = self._plan_cache.get(key)
-        if ones and ones[0].device != matrices[0].device:  # parameters moved after the plan was made
-            ones = None
-        if ones is None:
-            rows = {tuple(m.shape[1:]): m for m in matrices if m.numel() <= SHARED_LOOP_NUMEL}
-            ones = self._plan_cache[key] = [torch.ones((1, *row), dtype=m.dtype, device=m.device)
-                                            for row, m in rows.items()]
-        return ones
+    def _rule_args(self, rule: UpdateRule, group: dict[str, Any], bucket: Bucket) -> tuple:
+        return (*group["betas"], floored_eps(group["eps"], bucket[1]), group["weight_decay"])

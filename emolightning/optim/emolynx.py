@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer
-from emolightning.optim._multi_tensor import (
-    step_,
-)
+from emolightning.optim._dispatch import Bucket, UpdateRule
+from emolightning.optim._multi_tensor import step_
 
 
 def lynx_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], lr: Any,
@@ -32,6 +31,9 @@ def lynx_update_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     torch._foreach_add_(params, direction, alpha=-lr * drive)
     torch._foreach_mul_(exp_avgs, beta2)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+
+
+LYNX = UpdateRule("lynx", lynx_update, state_keys=("exp_avg",), foreach=lynx_update_foreach, native="lynx_step_")
 
 
 class EmoLynx(EmoOptimizer):
@@ -77,12 +79,8 @@ class EmoLynx(EmoOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype_for(p),
                                             memory_format=torch.preserve_format)
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
-                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
-        work, grads, writeback = self._compute_views(params, grads)
-        lists = [work, grads, self._state_list(states, "exp_avg")]
-        for bucket, columns in self._buckets(index, params, lists).items():
-            self._dispatch(index, bucket, "lynx", lynx_update, lynx_update_foreach, columns,
-                           group["lr"], self._emotion.drive, *group["betas"], group["weight_decay"],
-                           native="lynx_step_")
-        self._write_back(writeback)
+    def _rule(self, group: dict[str, Any]) -> UpdateRule:
+        return LYNX
+
+    def _rule_args(self, rule: UpdateRule, group: dict[str, Any], bucket: Bucket) -> tuple:
+        return (*group["betas"], group["weight_decay"])

@@ -8,11 +8,8 @@ import torch
 from torch import Tensor
 
 from emolightning.optim._base import EmoOptimizer
-from emolightning.optim._multi_tensor import (
-    decay_,
-    floored_eps,
-    step_,
-)
+from emolightning.optim._dispatch import Bucket, UpdateRule
+from emolightning.optim._multi_tensor import decay_, floored_eps, step_
 
 
 def navi_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -40,6 +37,10 @@ def navi_update_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * drive)
+
+
+NAVI = UpdateRule("navi", navi_update, state_keys=("exp_avg", "exp_avg_sq"), foreach=navi_update_foreach,
+                  native="navi_step_")
 
 
 class EmoNavi(EmoOptimizer):
@@ -105,14 +106,9 @@ class EmoNavi(EmoOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _update_group(self, index: int, group: dict[str, Any], params: list[Tensor],
-                      grads: list[Tensor], states: list[dict[str, Any]]) -> None:
-        work, grads, writeback = self._compute_views(params, grads)
-        lists = [work, grads, self._state_list(states, "exp_avg"), self._state_list(states, "exp_avg_sq")]
+    def _rule(self, group: dict[str, Any]) -> UpdateRule:
+        return NAVI
+
+    def _rule_args(self, rule: UpdateRule, group: dict[str, Any], bucket: Bucket) -> tuple:
         beta1, beta2 = group["betas"]
-        for bucket, columns in self._buckets(index, params, lists).items():
-            self._dispatch(index, bucket, "navi", navi_update, navi_update_foreach, columns,
-                           group["lr"], self._emotion.drive, beta1, beta2,
-                           floored_eps(group["eps"], bucket[1]), group["weight_decay"],
-                           native="navi_step_")
-        self._write_back(writeback)
+        return beta1, beta2, floored_eps(group["eps"], bucket[1]), group["weight_decay"]

@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed
-from emolightning.optim import EmoClan, EmoLynx, EmoNavi
+from emolightning.optim import EmoClan, EmoLynx, EmoNavi, EmoSens, EmoVoid
 
 
 class Regression(pl.LightningModule):
@@ -61,15 +61,16 @@ def _fit(tmp_path, callbacks, **trainer_kwargs):
     return module, recorder
 
 
+@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoSens])
 @pytest.mark.parametrize("callbacks", [[], [EmoLossFeed()]], ids=["closure", "feed"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_closure_and_feed_deliver_the_training_loss(tmp_path, callbacks, precision):
-    module, recorder = _fit(tmp_path, callbacks, precision=precision)
+def test_closure_and_feed_deliver_the_training_loss(tmp_path, callbacks, precision, optimizer_class):
+    module, recorder = _fit(tmp_path, callbacks, precision=precision, optimizer_class=optimizer_class)
     assert len(recorder.used) == 6
     assert recorder.used == pytest.approx(module.micro_losses, rel=1e-6)
 
 
-@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoLynx, EmoClan])
+@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoLynx, EmoClan, EmoSens, EmoVoid])
 def test_gradient_accumulation_uses_the_mean_of_the_window(tmp_path, optimizer_class):
     module, recorder = _fit(tmp_path, [EmoLossFeed()], accumulate_grad_batches=2,
                             optimizer_class=optimizer_class)
@@ -79,11 +80,21 @@ def test_gradient_accumulation_uses_the_mean_of_the_window(tmp_path, optimizer_c
     assert recorder.used != pytest.approx([w[-1] / 2 for w in windows], rel=1e-3)
 
 
-def test_gradscaler_path_receives_the_unscaled_loss(tmp_path):
+@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoSens])
+def test_gradscaler_path_receives_the_unscaled_loss(tmp_path, optimizer_class):
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    module, recorder = _fit(tmp_path, [EmoLossFeed()], plugins=[plugin])
+    module, recorder = _fit(tmp_path, [EmoLossFeed()], plugins=[plugin], optimizer_class=optimizer_class)
     # a modest scale never overflows here, so every batch steps with its own loss
     assert recorder.used == pytest.approx(module.micro_losses, rel=1e-6)
+
+
+@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoSens])
+def test_gradscaler_path_with_accumulation_receives_the_window_mean(tmp_path, optimizer_class):
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    module, recorder = _fit(tmp_path, [EmoLossFeed()], plugins=[plugin], accumulate_grad_batches=2,
+                            optimizer_class=optimizer_class)
+    windows = [module.micro_losses[i:i + 2] for i in range(0, 6, 2)]
+    assert recorder.used == pytest.approx([sum(w) / 2 for w in windows], rel=1e-6)
 
 
 def test_gradscaler_path_without_the_feed_warns_and_stays_neutral(tmp_path):
@@ -126,14 +137,15 @@ class PerRankData(pl.LightningDataModule):
 
 
 @pytest.mark.distributed
-def test_ddp_spawn_rank_mean_loss_and_identical_parameters(tmp_path):
+@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoSens])
+def test_ddp_spawn_rank_mean_loss_and_identical_parameters(tmp_path, optimizer_class):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=2,
                          strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
                          accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                          callbacks=[EmoLossFeed(), RankCheck()])
-    trainer.fit(Regression(), datamodule=PerRankData())
+    trainer.fit(Regression(optimizer_class), datamodule=PerRankData())
     assert trainer.state.finished
 
 

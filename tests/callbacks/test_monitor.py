@@ -10,21 +10,23 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed, EmotionMonitor, PlateauContinuation, ShadowCheckpoint
-from emolightning.optim import EmoLynx
+from emolightning.optim import EmoLynx, EmoSens
 
 
 class Model(pl.LightningModule):
-    def __init__(self, emo=True):
+    def __init__(self, emo=True, optimizer_class=EmoLynx):
         super().__init__()
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(4, 1)
-        self.emo = emo
+        self.emo, self.optimizer_class = emo, optimizer_class
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return torch.nn.functional.mse_loss(self.layer(x), y)
 
     def configure_optimizers(self):
+        if self.emo and self.optimizer_class is EmoSens:
+            return EmoSens(self.parameters(), lr=4.0)  # lr is emoScope
         if self.emo:
             return EmoLynx(self.parameters(), lr=2e-2)
         return torch.optim.SGD(self.parameters(), lr=1e-2)
@@ -81,6 +83,18 @@ def test_tensorboard_logger_gets_the_tags(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"emotion/scalar", "emotion/drive", "emotion/lr", "emotion/loss"} <= tags
     assert len(events.Scalars("emotion/drive")) == trainer.global_step
+
+
+def test_the_emosens_family_logs_emopulse_and_its_estimates(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _fit(tmp_path, logger, [EmotionMonitor()], module=Model(optimizer_class=EmoSens), epochs=2)
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("emotion/emoPulse")]
+    assert len(rows) == trainer.global_step
+    assert {"emotion/trust", "emotion/noise_est", "emotion/d_est", "emotion/emoScope"} <= set(rows[0])
+    # the optimizer's lr is the emoPulse it used
+    assert all(float(row["emotion/lr"]) == float(row["emotion/emoPulse"]) for row in rows)
+    assert len({row["emotion/emoPulse"] for row in rows}) > 1
 
 
 def test_other_optimizers_log_lr_and_loss_only(tmp_path):

@@ -12,9 +12,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed, PlateauContinuation, ShadowCheckpoint
-from emolightning.optim import EmoNavi
+from emolightning.optim import EmoNavi, EmoPulseScheduler, EmoSens
 
 LR = 5e-2
+SCOPE = 8.0  # emoScope for the EmoSens family: emoPulse from 8e-4 up to 2.4e-2
 
 
 class NoisyRegression(pl.LightningModule):
@@ -37,10 +38,15 @@ class NoisyRegression(pl.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_name == "adamw":
             optimizer = torch.optim.AdamW(self.parameters(), lr=LR)
+        elif self.optimizer_name == "emosens":
+            optimizer = EmoSens(self.parameters(), lr=SCOPE)  # lr is emoScope
         else:
             optimizer = EmoNavi(self.parameters(), lr=LR)
         if not self.use_scheduler:
             return optimizer
+        if self.use_scheduler == "emopulse":
+            scheduler = EmoPulseScheduler(optimizer, base_lr=SCOPE, notify=False)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": constant, "interval": "step"}}
 
@@ -85,6 +91,26 @@ def test_stages_advance_lr_drops_and_training_stops(tmp_path, optimizer, schedul
     assert len(saved) == 3 and all(name.endswith(".ckpt") for name in saved)
     checkpoint = torch.load(tmp_path / "stages" / saved[0], weights_only=True)
     assert checkpoint["global_step"] == callback.stages[0]["end_step"]
+
+
+@pytest.mark.parametrize("optimizer, scheduler", [("emosens", False), ("adamw", "emopulse")])
+def test_stages_lower_emoscope_for_the_emosens_family(tmp_path, optimizer, scheduler):
+    callback = _plateau()
+    trainer = _trainer(tmp_path, [callback])
+    trainer.fit(NoisyRegression(optimizer, scheduler), _loader())
+    assert callback.stage == 2 and callback.stop_reason
+    if optimizer == "emosens":
+        emosens = trainer.optimizers[0]
+        assert callback.lr_name == "emoScope"
+        assert [record["lrs"][0][0] for record in callback.stages] == [SCOPE, SCOPE / 2, SCOPE / 4]
+        assert emosens.emoScope == SCOPE / 4
+        # group lr shows the emoPulse of the last step, within the lowered scope's bounds
+        assert emosens.param_groups[0]["lr"] == emosens.last_pulse <= SCOPE / 4 * 3e-3
+        assert "emoScope" in [column.header for column in callback.summary_table().columns]
+    else:  # the scheduler's emoScope is lowered through its base_lrs
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        assert scheduler.emoScope == SCOPE / 4
+        assert trainer.optimizers[0].param_groups[0]["lr"] == scheduler.last_pulse <= 3e-3
 
 
 def test_lrs_list_sets_each_stage(tmp_path):
@@ -219,3 +245,52 @@ def test_ddp_ranks_change_stage_together(tmp_path):
                                     RankAgreement(callback)])
     trainer.fit(NoisyRegression(), datamodule=PerRankData())
     assert trainer.state.finished
+
+
+def _batch_plateau(**kwargs):
+    # checks at the last batch of an epoch (8 batches of 8), so every stage checkpoint is taken
+    # at an epoch's end: a plain DataLoader cannot resume in the middle of an epoch
+    return _plateau(check_every_n_steps=8, window=8, patience=1, min_steps_per_stage=16, **kwargs)
+
+
+@pytest.mark.parametrize("stage_file", [0, 1])
+def test_a_stage_checkpoint_resumes_into_the_new_stage(tmp_path, stage_file):
+    straight_cb = _batch_plateau(dirpath=tmp_path / "stages")
+    straight = NoisyRegression()
+    _trainer(tmp_path / "straight", [straight_cb], max_epochs=60).fit(straight, _loader())
+    assert straight_cb.stage == 2 and straight_cb.stop_reason is not None
+    record = straight_cb.stages[stage_file]
+    resumed_cb = _batch_plateau(dirpath=tmp_path / "resumed-stages")
+    resumed = NoisyRegression()
+    trainer = _trainer(tmp_path / "resumed", [resumed_cb], max_epochs=60)
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.stage, self.lr = resumed_cb.stage, trainer.optimizers[0].param_groups[0]["lr"]
+
+    at_start = AtStart()
+    trainer.callbacks.append(at_start)
+    trainer.fit(resumed, _loader(), ckpt_path=record["checkpoint"])
+    assert at_start.stage == stage_file + 1  # the run resumes in the stage that began at that step
+    assert at_start.lr == pytest.approx(LR * 0.5 ** (stage_file + 1))
+    assert [r["start_step"] for r in resumed_cb.stages] == [r["start_step"] for r in straight_cb.stages]
+    assert resumed_cb.stop_reason == straight_cb.stop_reason
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_finished_run_resumed_from_its_last_checkpoint_stops_at_once(tmp_path, caplog):
+    first = _batch_plateau()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path / "first", [first, checkpoint], max_epochs=60, enable_checkpointing=True).fit(
+        NoisyRegression(), _loader())
+    assert first.stop_reason is not None
+    finished_at = first.stages[-1]["end_step"]
+    again = _batch_plateau()
+    module = NoisyRegression()
+    trainer = _trainer(tmp_path / "again", [again], max_epochs=60)
+    with caplog.at_level("INFO"):
+        trainer.fit(module, _loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert trainer.global_step == finished_at  # not one step more
+    assert again.stop_reason == first.stop_reason
+    assert "already finished" in caplog.text and first.stop_reason in caplog.text

@@ -10,12 +10,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed, RankConsistency
-from emolightning.optim import EmoNavi
+from emolightning.optim import EmoNavi, EmoSens
 
 
 class Model(pl.LightningModule):
-    def __init__(self):
+    def __init__(self, optimizer_class=EmoNavi):
         super().__init__()
+        self.optimizer_class = optimizer_class
         torch.manual_seed(0)
         self.encoder = torch.nn.Linear(4, 8)
         self.head = torch.nn.Linear(8, 1)
@@ -25,6 +26,8 @@ class Model(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.head(torch.tanh(self.encoder(x))), y)
 
     def configure_optimizers(self):
+        if self.optimizer_class is EmoSens:
+            return EmoSens(self.parameters(), lr=1.0)  # lr is emoScope
         return EmoNavi(self.parameters(), lr=1e-2)
 
 
@@ -68,13 +71,13 @@ class RecordedRankConsistency(RankConsistency):
             raise
 
 
-def _fit(tmp_path, callbacks):
+def _fit(tmp_path, callbacks, optimizer_class=EmoNavi):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=2,
                          strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks)
-    trainer.fit(Model(), datamodule=PerRankData())
+    trainer.fit(Model(optimizer_class), datamodule=PerRankData())
     return trainer
 
 
@@ -87,6 +90,13 @@ def test_agreeing_ranks_pass_and_a_drift_is_named(tmp_path):
         _fit(tmp_path / "drift", [EmoLossFeed(), RecordedRankConsistency(tmp_path, every_n_steps=2), Perturb()])
     messages = [path.read_text() for path in sorted(tmp_path.glob("rank*.txt"))]
     assert messages and all("rank 1 differs from rank 0 in parameter 'head.bias'" in m for m in messages)
+
+
+@pytest.mark.distributed
+def test_the_emosens_family_agrees_across_ranks_emopulse_included(tmp_path):
+    guard = RankConsistency(every_n_steps=2)
+    trainer = _fit(tmp_path, [EmoLossFeed(), guard, CountChecks(guard)], optimizer_class=EmoSens)
+    assert trainer.state.finished  # parameters, snapshot and extras (emoPulse, trust, ...) compared
 
 
 def test_single_process_does_nothing(tmp_path):

@@ -179,3 +179,40 @@ def test_bad_arguments_are_named():
         ShadowCheckpoint(decay=1.0)
     with pytest.raises(ValueError, match="spike_factor"):
         ShadowCheckpoint(spike_factor=0.5)
+
+
+def test_rollback_to_the_optimizers_own_shadow_keeps_training(tmp_path):
+    # the optimizer keeps the shadow: the weights come back from it, its moments start afresh
+    # and its shadow stays (a state holding only the shadow must still get fresh moments)
+    shadow = ShadowCheckpoint(spike_factor=None, warmup_steps=5, save_on_fit_end=False)
+    module = FrozenBase(use_shadow=True, bad_steps=(12,))
+
+    class Check(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if shadow.rollbacks and shadow.rollbacks[-1]["step"] == trainer.global_step:
+                optimizer = trainer.optimizers[0]
+                for p in pl_module.head.parameters():
+                    assert torch.equal(p.detach(), optimizer.state[p]["shadow"])
+                    assert not optimizer.state[p]["exp_avg"].any()
+                self.checked = True
+
+    check = Check()
+    _trainer(tmp_path, [shadow, check]).fit(module, _loader())
+    assert [r["step"] for r in shadow.rollbacks] == [13] and getattr(check, "checked", False)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_a_resumed_run_prunes_only_its_own_files(tmp_path):
+    # the first run writes beside its checkpoints; its resumption elsewhere (as a new version folder)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "first", save_last=True)
+    first = ShadowCheckpoint(save_every_n_steps=4, keep_last=2, spike_factor=None, save_on_fit_end=False)
+    _trainer(tmp_path, [first, checkpoint], max_epochs=2, enable_checkpointing=True).fit(FrozenBase(), _loader())
+    shadows = sorted(p.name for p in (tmp_path / "first").glob("shadow-*"))
+    assert shadows == ["shadow-step12.safetensors", "shadow-step16.safetensors"]
+    resumed = ShadowCheckpoint(save_every_n_steps=4, keep_last=2, spike_factor=None, save_on_fit_end=False)
+    _trainer(tmp_path / "second", [resumed], max_epochs=4).fit(FrozenBase(), _loader(),
+                                                              ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert sorted(p.name for p in (tmp_path / "first").glob("shadow-*")) == shadows  # left alone
+    assert sorted(p.name for p in (tmp_path / "second" / "shadow").iterdir()) == [
+        "shadow-step28.safetensors", "shadow-step32.safetensors"]
+    assert len(resumed.written) == 4  # the summary still lists the first run's files

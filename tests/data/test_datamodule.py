@@ -80,13 +80,40 @@ def test_unreadable_images_are_skipped_and_named(tmp_path, tiny_folder):
 
 def test_empty_folder_and_too_small_images_are_named(tmp_path, tiny_folder):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no readable images"):
+    with pytest.raises(ValueError, match=r"data.root \(--data.root\): no images in .*empty or its subfolders \(looked for .png"):
         _fit(tmp_path, tiny_folder, ImageCaptionDataModule(tmp_path / "empty", resolution=64, min_bucket=32))
     small = tmp_path / "small"
     small.mkdir()
     Image.new("RGB", (16, 16)).save(small / "tiny.png")
     with pytest.raises(ValueError, match=r"tiny.png is 16x16, smaller than every bucket"):
         _fit(tmp_path, tiny_folder, ImageCaptionDataModule(small, resolution=64, min_bucket=32, upscale=False))
+
+
+def test_tokenizers_given_explicitly_need_no_trainer_and_their_absence_is_named(tmp_path, tokenizer):
+    root = _set(tmp_path / "set")
+    data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32)
+    with pytest.raises(ValueError, match=r"call data.use_tokenizers\(tokenizer, tokenizer_2\) before setup"):
+        data.setup("fit")
+    data.use_tokenizers(tokenizer, tokenizer)
+    data.setup("fit")
+    item = data.dataset[0]
+    assert item["input_ids"].shape == (77,) and torch.equal(item["input_ids"], item["input_ids_2"])
+    assert item["time_ids"].dtype == torch.float32 and item["time_ids"].shape == (6,)
+
+
+def test_the_data_module_describes_its_captions_and_dataset(tmp_path, tokenizer):
+    root = _set(tmp_path / "set")
+    data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32,
+                                  val_split=0.34, shuffle_tags=True)
+    assert data.lora_metadata() == {} and data.caption_augmentations == ["data.shuffle_tags"]
+    data.use_tokenizers(tokenizer)
+    data.setup("fit")
+    assert data.captions() == ["shape, colour 0", "shape, colour 1", "shape, colour 2"]  # held-out one included
+    metadata = data.lora_metadata()
+    assert metadata["ss_num_train_images"] == "3" and metadata["ss_resolution"] == "(64, 64)"
+    assert metadata["ss_tag_frequency"] == {"set": {"shape": 3, "colour 0": 1, "colour 1": 1, "colour 2": 1}}
+    assert ImageCaptionDataModule(root, caption_dropout=0.1).caption_augmentations == []  # the empty prompt is cached
+    assert ImageCaptionDataModule(root).caption_augmentations == []
 
 
 def test_augmentations_change_with_the_epoch(tmp_path, tiny_folder):
@@ -96,10 +123,9 @@ def test_augmentations_change_with_the_epoch(tmp_path, tiny_folder):
     module = SDLoRAModule(str(tiny_folder), lora_rank=4)
     data.tokenizer = module.tokenizer
     data.setup("fit")
-    first = [data.dataset[i]["pixel_values"] for i in range(3)]
+    first = [data.dataset[(0, i)]["pixel_values"] for i in range(3)]
     assert all(torch.equal(a, data.dataset[i]["pixel_values"]) for i, a in enumerate(first))  # deterministic
-    data.dataset.epoch = 1
-    assert any(not torch.equal(a, data.dataset[i]["pixel_values"]) for i, a in enumerate(first))
+    assert any(not torch.equal(a, data.dataset[(1, i)]["pixel_values"]) for i, a in enumerate(first))
 
 
 def test_held_out_images_give_a_deterministic_val_loss_and_samples_are_saved(tmp_path, tiny_folder):
@@ -191,3 +217,19 @@ def test_builtin_shapes_set_is_generated_once_and_deterministically(tmp_path):
     assert all((first / "2_emoshape" / f).read_bytes() == (second / "2_emoshape" / f).read_bytes() for f in files)
     assert (first / "2_emoshape" / "000.txt").read_text().startswith("emoshape, a ")
     assert write_shapes(tmp_path / "a") == first  # already there: kept as it is
+
+
+def test_augmented_images_train_alike_with_and_without_the_latent_cache(tmp_path, tiny_folder):
+    # an augmented (flipped) image is never cached: its latents are drawn from the training noise
+    # stream as without a cache, not from a seed every augmented image would share
+    root = _set(tmp_path / "set")
+    weights = {}
+    for mode in ("none", "memory"):
+        data = ImageCaptionDataModule(root, resolution=64, min_bucket=32, max_bucket=128, bucket_step=32, flip_p=1.0)
+        module = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_latents=mode)
+        pl.Trainer(default_root_dir=tmp_path / mode, max_epochs=2, accelerator="cpu", logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[EmoLossFeed()]).fit(module, datamodule=data)
+        weights[mode] = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    for name, value in weights["none"].items():
+        assert torch.equal(weights["memory"][name], value), name

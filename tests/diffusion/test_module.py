@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emolightning.callbacks import EmoLossFeed
 from emolightning.diffusion import SDLoRAModule
-from emolightning.diffusion.conditioning import tokenize
+from emolightning.batch import tokenize
 from emolightning.diffusion.tiny import build_tiny_sd
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,25 @@ class Captioned(Dataset):
 
     def __getitem__(self, i):
         return {"pixel_values": self.images[i], "input_ids": self.ids[i]}
+
+
+class DescribedData(pl.LightningDataModule):
+    """A data module of one's own that describes its captions and dataset to the model
+    (emolightning.batch.CaptionedData)."""
+
+    def __init__(self, tokenizer, augmentations=()):
+        super().__init__()
+        self.dataset = Captioned(tokenizer)
+        self.caption_augmentations = list(augmentations)
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=2)
+
+    def captions(self):
+        return [f"a photo of thing {i}" for i in range(8)]
+
+    def lora_metadata(self):
+        return {"ss_num_train_images": "8", "ss_dataset_dirs": {"things": {"n_repeats": 1, "img_count": 8}}}
 
 
 def _trainer(tmp_path, max_steps=-1, **kwargs):
@@ -103,11 +122,17 @@ def test_exported_lora_reproduces_the_trained_model_in_diffusers(tmp_path, tiny_
     torch.testing.assert_close(torch.from_numpy(image(loaded)), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(torch.from_numpy(plain), torch.from_numpy(expected), atol=1e-4)  # LoRA mattered
     loaded.fuse_lora()
-    for name, p in loaded.unet.named_parameters():
-        if name == "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight":
-            layer = module.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
-            merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2 / 4)
-            torch.testing.assert_close(p, merged, rtol=1e-5, atol=1e-6)
+    pairs = [(loaded.unet, module.unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+             (loaded.unet, module.unet, "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0")]
+    if train_text_encoder:  # transformers 5's CLIPTextModel has no text_model level; 4.x's has
+        prefix = "text_model." if hasattr(module.text_encoder, "text_model") else ""
+        pairs += [(loaded.text_encoder, module.text_encoder, f"{prefix}encoder.layers.1.self_attn.out_proj")]
+    if preset == "attention_ff":
+        pairs += [(loaded.unet, module.unet, "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj")]
+    for fused, trained, path in pairs:
+        layer = trained.get_submodule(path)
+        merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2 / 4)
+        torch.testing.assert_close(fused.get_submodule(path).weight, merged, rtol=1e-5, atol=1e-6)
 
 
 def test_shadow_weights_can_be_exported_instead_of_the_live_ones(tmp_path, tiny_folder):
@@ -118,6 +143,24 @@ def test_shadow_weights_can_be_exported_instead_of_the_live_ones(tmp_path, tiny_
     saved = load_file(module.export_lora(tmp_path / "zero.safetensors", zeros))
     weights = {k: v for k, v in saved.items() if not k.endswith(".alpha")}
     assert weights and all(t.abs().sum() == 0 for t in weights.values())
+
+
+def test_the_module_reads_what_its_data_module_describes(tmp_path, tiny_folder):
+    module = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_text_embeddings=True)
+    module.extra_lora_metadata.update(ss_num_train_images="mine", my_key={"a": 1})  # the user's keys win
+    _trainer(tmp_path / "a", 2).fit(module, datamodule=DescribedData(module.tokenizer))
+    assert (module.text_cache.misses, len(module.text_cache)) == (9, 9)  # every caption and "" encoded up front
+    assert module.text_cache.hits == 2 * 2  # then two steps of two rows found theirs
+    with safe_open(module.export_lora(tmp_path / "l.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"things": {"n_repeats": 1, "img_count": 8}}
+    assert metadata["ss_num_train_images"] == "mine" and json.loads(metadata["my_key"]) == {"a": 1}
+    assert metadata["ss_steps"] == "2" and metadata["ss_optimizer"] == "emolightning.optim.emonavi.EmoNavi"
+
+    augmenting = SDLoRAModule(str(tiny_folder), lora_rank=4, cache_text_embeddings=True)
+    with pytest.warns(UserWarning, match=r"cache_text_embeddings is off.*\(my\.option\)"):
+        _trainer(tmp_path / "b", 1).fit(augmenting, datamodule=DescribedData(augmenting.tokenizer, ["my.option"]))
+    assert augmenting.text_cache is None
 
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -170,3 +213,16 @@ def test_bad_inputs_are_named(tmp_path):
         SDLoRAModule(lora_rank=0)
     with pytest.raises(ValueError, match="model.target_preset"):
         SDLoRAModule(target_preset="everything")
+
+
+def test_the_module_pickles_with_its_noise_stream():
+    # ddp_spawn hands the module to each process by pickling it (torch 2.13 cannot share a
+    # torch.Generator that way: the module sends its state as bytes)
+    import pickle
+
+    module = SDLoRAModule("builtin:tiny", lora_rank=2, seed=3)
+    module.generator.manual_seed(11)
+    torch.randn(5, generator=module.generator)
+    copy = pickle.loads(pickle.dumps(module))
+    assert isinstance(copy.generator, torch.Generator)
+    assert torch.equal(torch.randn(4, generator=copy.generator), torch.randn(4, generator=module.generator))

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from emolightning.callbacks import EmoLossFeed
 from emolightning.data import ImageCaptionDataModule
 from emolightning.diffusion import SDLoRAModule
-from emolightning.diffusion.conditioning import tokenize
+from emolightning.batch import tokenize
 from emolightning.diffusion.sgm_names import unet_path_to_sgm
 from emolightning.diffusion.tiny import build_tiny_sdxl
 
@@ -141,8 +141,8 @@ def test_text_embedding_cache_encodes_every_caption_of_the_data_module_up_front(
                                   batch_size=2, pin_memory=False, val_split=0.2)
     _fit(module, tmp_path, data, 3, num_sanity_val_steps=0)
     captions = data.captions()
-    assert len(captions) > 3 and len(module.text_cache) == len(captions)
-    assert module.text_cache.misses == len(captions)  # all encoded before the first step, none after
+    assert len(captions) > 3 and len(module.text_cache) == len(captions) + 1  # and the empty prompt
+    assert module.text_cache.misses == len(captions) + 1  # all encoded before the first step, none after
     assert module.text_cache.hits == 3 * 2  # every training row found its caption
     ids, ids_2 = tokenize(module.tokenizer, [captions[0]]), tokenize(module.tokenizer_2, [captions[0]])
     hidden, pooled = module.encode_text(ids, ids_2)
@@ -197,6 +197,8 @@ def test_exported_lora_reproduces_the_trained_model_in_the_sdxl_pipeline(tmp_pat
     pairs = [(loaded.unet, module.unet, "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"),
              (loaded.unet, module.unet, "up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2"),
              (loaded.text_encoder_2, module.text_encoder_2, "text_model.encoder.layers.2.self_attn.v_proj")]
+    prefix = "text_model." if hasattr(module.text_encoder, "text_model") else ""  # transformers 4 / 5
+    pairs += [(loaded.text_encoder, module.text_encoder, f"{prefix}encoder.layers.0.self_attn.q_proj")]
     for fused, trained, path in pairs:
         layer = trained.get_submodule(path)
         merged = layer.base_layer.weight + layer.lora_B["default"].weight @ layer.lora_A["default"].weight * (2 / 4)
@@ -281,16 +283,3 @@ def test_sdxl_from_the_command_line_then_export(tmp_path):
     assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
     assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
 
-
-@pytest.mark.parametrize("pretrained", ["builtin:tiny", "builtin:tiny-sdxl"])
-def test_sample_images_are_the_pipelines_images(pretrained):
-    import numpy as np
-
-    module = SDLoRAModule(pretrained, lora_rank=4, sample_size=64, sample_inference_steps=2, seed=3)
-    ours = module.generate(["a red circle", "a blue square"])
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    for index, prompt in enumerate(["a red circle", "a blue square"]):
-        theirs = pipe(prompt, height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
-                      generator=torch.Generator().manual_seed(3 + index)).images[0]
-        assert np.array_equal(np.asarray(ours[index]), np.asarray(theirs))

@@ -1,10 +1,13 @@
 import pytest
 import torch
 
-from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi, _native
+from emolightning.optim import EmoAiry, EmoCats, EmoClan, EmoFact, EmoLynx, EmoNavi, EmoSens, EmoTion, EmoVoid, _native
 
 ALL_OPTIMIZERS = [EmoNavi, EmoFact, EmoLynx, EmoClan]
 MODERN = [EmoNavi, EmoFact, EmoLynx]
+# the EmoSens family: the step size (emoPulse) comes from the loss; lr is emoScope
+SENS_FAMILY = [EmoSens, EmoAiry, EmoCats, EmoTion, EmoVoid]
+EVERY_OPTIMIZER = ALL_OPTIMIZERS + SENS_FAMILY
 PATHS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 # The regression problem of the spec's T4 (float64).
@@ -30,4 +33,10 @@ def compiled_backend(monkeypatch):
 
 @pytest.fixture(params=ALL_OPTIMIZERS, ids=lambda c: c.__name__)
 def optimizer_class(request):
+    return request.param
+
+
+@pytest.fixture(params=EVERY_OPTIMIZER, ids=lambda c: c.__name__)
+def any_optimizer_class(request):
+    """Both families, for behaviour that does not depend on how the step size is set."""
     return request.param

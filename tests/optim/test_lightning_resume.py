@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed
 from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi
+from tests.optim.conftest import SENS_FAMILY
 
 
 class Model(pl.LightningModule):
@@ -23,7 +24,8 @@ class Model(pl.LightningModule):
         return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
-        return self.optimizer_class(self.parameters(), lr=1e-2, use_shadow=True)
+        lr = 1.0 if self.optimizer_class in SENS_FAMILY else 1e-2  # the EmoSens family's lr is emoScope
+        return self.optimizer_class(self.parameters(), lr=lr, use_shadow=True)
 
 
 def _loader():
@@ -39,7 +41,8 @@ def _trainer(tmp_path, epochs, **kwargs):
                       **kwargs)
 
 
-@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoFact, EmoLynx, EmoClan])
+@pytest.mark.parametrize("optimizer_class", [EmoNavi, EmoFact, EmoLynx, EmoClan, *SENS_FAMILY],
+                         ids=lambda c: c.__name__)
 def test_resume_equals_uninterrupted(tmp_path, optimizer_class):
     straight = Model(optimizer_class)
     _trainer(tmp_path / "straight", 4, enable_checkpointing=False).fit(straight, _loader())
@@ -50,7 +53,7 @@ def test_resume_equals_uninterrupted(tmp_path, optimizer_class):
     ckpt_path = tmp_path / "ckpt" / "epoch=1-step=6.ckpt"
     assert ckpt_path.exists()
     saved = torch.load(ckpt_path, weights_only=True)
-    assert "emo" in saved["optimizer_states"][0]
+    assert {"emo", "emo_internal"} & set(saved["optimizer_states"][0])
 
     resumed = Model(optimizer_class)
     trainer = _trainer(tmp_path / "resumed", 4, enable_checkpointing=False)

@@ -36,3 +36,16 @@ def test_the_ninja_package_is_found_without_an_activated_environment(tmp_path, m
     assert shutil.which("ninja") is None
     _native._ensure_ninja_on_path()
     assert os.path.dirname(shutil.which("ninja")) == ninja.BIN_DIR
+
+
+def test_each_source_and_place_gets_its_own_build_folder(tmp_path):
+    # two checkouts sharing ~/.cache/torch_extensions must not rebuild each other's library
+    first, second = tmp_path / "a" / "emo_kernels.cpp", tmp_path / "b" / "emo_kernels.cpp"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text(_native.SOURCE.read_text())
+    names = {_native._library_name(first), _native._library_name(second), _native.LIBRARY}
+    assert len(names) == 3 and all(name.startswith("emolightning_kernels_") for name in names)
+    assert _native._library_name(first) == _native._library_name(first)
+    first.write_text(first.read_text() + "\n// changed\n")
+    assert _native._library_name(first) not in names

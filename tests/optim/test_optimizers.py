@@ -7,9 +7,9 @@ from collections import deque
 import pytest
 import torch
 
-from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi, _native
+from emolightning.optim import EmoClan, EmoFact, EmoLynx, EmoNavi, EmoVoid, _native
 from emolightning.optim.emofact import SHARED_LOOP_NUMEL
-from tests.optim.conftest import MODERN, regression_loss, regression_params
+from tests.optim.conftest import MODERN, SENS_FAMILY, regression_loss, regression_params
 
 SHAPES = [(), (7,), (5, 3), (4, 3, 3, 2)]
 
@@ -35,9 +35,9 @@ LOSSES = [1.0, 0.9, 1.3, 0.4, 0.35, 0.3, 0.9, 0.2, 0.18, 0.17, 0.9, 0.1]
 
 
 # --------------------------------------------------------------------------- loss intake
-def test_closure_that_runs_backward_works(optimizer_class):
+def test_closure_that_runs_backward_works(any_optimizer_class):
     weight, bias = regression_params()
-    optimizer = optimizer_class([weight, bias], lr=1e-2)
+    optimizer = any_optimizer_class([weight, bias], lr=1e-2)
 
     def closure():
         optimizer.zero_grad()
@@ -53,11 +53,11 @@ def test_closure_that_runs_backward_works(optimizer_class):
 
 
 @pytest.mark.parametrize("form", ["lambda", "float", "tensor", "fed"])
-def test_every_loss_form_gives_the_same_step(optimizer_class, form):
+def test_every_loss_form_gives_the_same_step(any_optimizer_class, form):
     results = []
     for variant in ("lambda", form):
         params = _params()
-        optimizer = optimizer_class(params, lr=1e-2)
+        optimizer = any_optimizer_class(params, lr=1e-2)
         for i, loss in enumerate(LOSSES):
             _set_grads(params, i)
             if variant == "lambda":
@@ -91,9 +91,9 @@ def test_explicit_loss_wins_over_fed_and_closure():
     assert optimizer.snapshot().loss == 4.0  # the fed mean, not the closure's value
 
 
-def test_no_loss_keeps_the_emotion_neutral_and_warns_once(optimizer_class):
+def test_no_loss_keeps_the_emotion_neutral_and_warns_once(any_optimizer_class):
     params = _params()
-    optimizer = optimizer_class(params, lr=1e-2)
+    optimizer = any_optimizer_class(params, lr=1e-2)
     with pytest.warns(RuntimeWarning, match="received no loss") as record:
         for i in range(40):
             _set_grads(params, i)
@@ -108,9 +108,9 @@ def test_no_loss_keeps_the_emotion_neutral_and_warns_once(optimizer_class):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_loss_leaves_everything_untouched(optimizer_class, bad):
+def test_nonfinite_loss_leaves_everything_untouched(any_optimizer_class, bad):
     params = _params()
-    optimizer = optimizer_class(params, lr=1e-2, use_shadow=True)
+    optimizer = any_optimizer_class(params, lr=1e-2, use_shadow=True)
     _run(optimizer, params, LOSSES[:6])
     before_params = [p.detach().clone() for p in params]
     before_state = {k: v.clone() if torch.is_tensor(v) else v
@@ -130,9 +130,11 @@ def test_nonfinite_loss_leaves_everything_untouched(optimizer_class, bad):
 
 
 # --------------------------------------------------------------------------------- dtypes
-def test_fp16_with_all_zero_gradient_elements_stays_finite(optimizer_class):
+def test_fp16_with_all_zero_gradient_elements_stays_finite(any_optimizer_class):
     p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.float16))
-    optimizer = optimizer_class([p], lr=1e-3)
+    # the EmoSens family's lr is emoScope: 10 gives steps of about 1e-3, above float16's
+    # half-ulp at 1 (smaller steps round away, as any optimizer's would)
+    optimizer = any_optimizer_class([p], lr=10.0 if any_optimizer_class in SENS_FAMILY else 1e-3)
     for i in range(10):
         grad = torch.zeros(4, 4, dtype=torch.float16)
         grad[0, 0] = 1e-4 * (i + 1)
@@ -143,11 +145,11 @@ def test_fp16_with_all_zero_gradient_elements_stays_finite(optimizer_class):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_state_dtype(optimizer_class, dtype):
+def test_low_precision_state_dtype(any_optimizer_class, dtype):
     default = _params(dtype=dtype)
     fp32_state = _params(dtype=dtype)
-    opt_default = optimizer_class(default, lr=1e-2)
-    opt_fp32 = optimizer_class(fp32_state, lr=1e-2, state_dtype=torch.float32)
+    opt_default = any_optimizer_class(default, lr=1e-2)
+    opt_fp32 = any_optimizer_class(fp32_state, lr=1e-2, state_dtype=torch.float32)
     _run(opt_default, default, LOSSES)
     _run(opt_fp32, fp32_state, LOSSES)
     for p in default:
@@ -157,7 +159,8 @@ def test_low_precision_state_dtype(optimizer_class, dtype):
     for p in fp32_state:
         assert p.dtype == dtype and torch.isfinite(p).all()
         tensors = [v for v in opt_fp32.state[p].values() if torch.is_tensor(v)]
-        assert tensors and all(v.dtype == torch.float32 for v in tensors)
+        assert tensors or any_optimizer_class is EmoVoid  # EmoVoid keeps no state
+        assert all(v.dtype == torch.float32 for v in tensors)
 
 
 def test_clan_second_moments_are_float32_for_every_parameter_dtype():
@@ -171,28 +174,32 @@ def test_clan_second_moments_are_float32_for_every_parameter_dtype():
 
 # ---------------------------------------------------------------------------- state dict
 @pytest.mark.parametrize("use_shadow", [False, True])
-def test_resume_mid_run_is_bit_identical(optimizer_class, use_shadow):
+def test_resume_mid_run_is_bit_identical(any_optimizer_class, use_shadow):
     losses = LOSSES * 3
     params = _params()
-    optimizer = optimizer_class(params, lr=1e-2, use_shadow=use_shadow)
+    optimizer = any_optimizer_class(params, lr=1e-2, use_shadow=use_shadow)
     _run(optimizer, params, losses)
 
     resumed = _params()
-    first = optimizer_class(resumed, lr=1e-2, use_shadow=use_shadow)
+    first = any_optimizer_class(resumed, lr=1e-2, use_shadow=use_shadow)
     _run(first, resumed, losses[:15])
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in resumed], "optimizer": first.state_dict()}, buffer)
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     fresh = [torch.nn.Parameter(t.clone()) for t in checkpoint["params"]]
-    second = optimizer_class(fresh, lr=1e-2, use_shadow=use_shadow)
+    second = any_optimizer_class(fresh, lr=1e-2, use_shadow=use_shadow)
     second.load_state_dict(checkpoint["optimizer"])
     _run(second, fresh, losses[15:], start_seed=15)
 
     for a, b in zip(params, fresh):
         assert torch.equal(a, b)
     assert second.snapshot() == optimizer.snapshot()
-    assert second.state_dict()["emo"] == optimizer.state_dict()["emo"]
+    key = "emo_internal" if any_optimizer_class in SENS_FAMILY else "emo"
+    resumed, uninterrupted = second.state_dict()[key], optimizer.state_dict()[key]
+    previous = resumed.pop("prev_gl1", None), uninterrupted.pop("prev_gl1", None)  # EmoTion's, EmoVoid's
+    assert resumed == uninterrupted
+    assert previous == (None, None) or torch.equal(*previous)
 
 
 def test_state_dict_carries_should_stop():
@@ -267,10 +274,10 @@ def test_parameters_without_gradients_are_skipped(optimizer_class):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
-def test_every_shape_moves_against_the_gradient(optimizer_class, shape):
+def test_every_shape_moves_against_the_gradient(any_optimizer_class, shape):
     (p,) = _params(shapes=[shape])
     before = p.detach().clone()
-    optimizer = optimizer_class([p], lr=1e-2, weight_decay=0.0)
+    optimizer = any_optimizer_class([p], lr=1e-2, weight_decay=0.0)
     p.grad = torch.ones_like(p)
     optimizer.step(loss=1.0)
     assert (p.detach() < before).all()
@@ -292,20 +299,20 @@ def test_fact_state_shapes():
 # torch.compile-d update that CUDA (and any bucket the kernels do not take) runs.
 @pytest.mark.parametrize("path", ["foreach", "native", "compiled"])
 @pytest.mark.parametrize("use_shadow", [False, True], ids=["plain", "shadow"])
-def test_multi_tensor_paths_match_the_loop(optimizer_class, path, use_shadow, monkeypatch):
+def test_multi_tensor_paths_match_the_loop(any_optimizer_class, path, use_shadow, monkeypatch):
     losses = [1.0, 0.7, 0.75, 0.72, 0.5, 0.45, 0.9, 0.3]
     monkeypatch.setattr(_native, "enabled", path == "native")
     results = {}
     kwargs = {"foreach": True} if path == "foreach" else {"fused": True}
     for name, kwargs in (("loop", {"foreach": False}), (path, kwargs)):
         params = _params(dtype=torch.float64)
-        optimizer = optimizer_class(params, lr=1e-2, use_shadow=use_shadow, **kwargs)
+        optimizer = any_optimizer_class(params, lr=1e-2, use_shadow=use_shadow, **kwargs)
         _run(optimizer, params, losses)
         results[name] = ([p.detach() for p in params], optimizer.snapshot(), _states(optimizer, params))
-    if path == "native" and optimizer_class is not EmoClan:  # Clan's v3.0 fact rule stays compiled
-        assert not optimizer._compiled and not optimizer._native_refused
+    if path == "native" and any_optimizer_class is not EmoClan:  # Clan's v3.0 fact rule stays compiled
+        assert not optimizer._dispatcher.compiled and not optimizer._dispatcher.native_refused
     # EmoClan's float32 second moments round differently once the compiler fuses them.
-    rtol = 1e-6 if optimizer_class is EmoClan else 1e-10
+    rtol = 1e-6 if any_optimizer_class is EmoClan else 1e-10
     for a, b in zip(results["loop"][0], results[path][0]):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * 1e-2)
     assert results["loop"][1].blend_count == results[path][1].blend_count
@@ -355,9 +362,9 @@ def test_fact_fused_matches_the_loop_on_grouped_shapes(dtype, backend, monkeypat
             if i in (3, 4):  # some matrices sit a step out (e.g. LoRA module dropout)
                 params[0].grad = params[4].grad = None
             optimizer.step(loss=loss)
-        assert not any(update.failed for update in optimizer._compiled.values())
+        assert not any(update.failed for update in optimizer._dispatcher.compiled.values())
         if name == "fused":
-            assert bool(optimizer._compiled) == (backend == "compiled")
+            assert bool(optimizer._dispatcher.compiled) == (backend == "compiled")
         results[name] = ([p.detach().clone() for p in params], _states(optimizer, params),
                          optimizer.state_dict())
     rtol = 1e-10 if dtype is torch.float64 else 1e-5
@@ -384,7 +391,7 @@ def test_fused_path_does_not_recompile_when_lr_and_drive_change(compiled_backend
         drives.add(round(optimizer.snapshot().drive, 6))
     assert len(drives) > 1
     assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
-    assert not any(update.failed for update in optimizer._compiled.values())
+    assert not any(update.failed for update in optimizer._dispatcher.compiled.values())
 
 
 @pytest.mark.parametrize("cls", [EmoNavi, EmoFact])
@@ -397,7 +404,7 @@ def test_fused_path_with_fp32_state_of_bf16_weights_compiles_once(cls, compiled_
     compiled = dynamo_utils.counters["stats"]["unique_graphs"]
     _run(optimizer, params, LOSSES, start_seed=1)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == compiled
-    assert len(optimizer._compiled) == 1
+    assert len(optimizer._dispatcher.compiled) == 1
     reference = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
     loop = cls(reference, lr=1e-2, foreach=False, state_dtype=torch.float32)
     _run(loop, reference, [1.0] + LOSSES)
@@ -434,7 +441,7 @@ def test_native_kernels_fall_back_to_the_compiled_update_when_they_cannot_be_bui
     fused = EmoLynx(params, lr=1e-2, fused=True)
     with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
         _run(fused, params, LOSSES)
-    assert fused._compiled and not any(update.failed for update in fused._compiled.values())
+    assert fused._dispatcher.compiled and not any(update.failed for update in fused._dispatcher.compiled.values())
     _run(EmoLynx(reference, lr=1e-2, foreach=False), reference, LOSSES)
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b)
@@ -446,26 +453,26 @@ def test_a_bucket_the_native_kernel_refuses_takes_the_compiled_update():
     fused = EmoClan(params, lr=1e-2, fused=True)
     _run(fused, params, [1.0, 1.0])
     assert fused._branch() == "navi"
-    assert [key[2] for key in fused._native_refused] == ["navi_step_"]
-    assert [key[2] for key in fused._compiled] == ["navi"]
+    assert [key[2] for key in fused._dispatcher.native_refused] == ["navi_step_"]
+    assert [key[2] for key in fused._dispatcher.compiled] == ["navi"]
     _run(EmoClan(reference, lr=1e-2, foreach=False), reference, [1.0, 1.0])
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("cls", MODERN)
+@pytest.mark.parametrize("cls", MODERN + SENS_FAMILY)
 def test_native_kernels_take_fp32_work_copies_of_bf16_weights(cls):
     params = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
     reference = _params(shapes=[(6, 5), (5,)], dtype=torch.bfloat16)
     fused = cls(params, lr=1e-2, fused=True, state_dtype=torch.float32)
     _run(fused, params, LOSSES)
-    assert not fused._compiled and not fused._native_refused
+    assert not fused._dispatcher.compiled and not fused._dispatcher.native_refused
     _run(cls(reference, lr=1e-2, foreach=False, state_dtype=torch.float32), reference, LOSSES)
     for a, b in zip(params, reference):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("cls", MODERN)
+@pytest.mark.parametrize("cls", MODERN + SENS_FAMILY)
 def test_native_kernels_record_their_in_place_changes_for_autograd(cls):
     # as torch's in-place ops do: a graph that saved the old weights must refuse to use them
     weight = torch.nn.Parameter(torch.randn(4, 3))
@@ -473,13 +480,13 @@ def test_native_kernels_record_their_in_place_changes_for_autograd(cls):
     saved = (weight * weight).sum()
     weight.grad = torch.randn(4, 3)
     optimizer.step(loss=1.0)
-    assert not optimizer._compiled
+    assert not optimizer._dispatcher.compiled
     assert weight._version == 1 and all(t._version == 1 for t in optimizer.state[weight].values())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
 
 
-@pytest.mark.parametrize("cls", MODERN)
+@pytest.mark.parametrize("cls", MODERN + SENS_FAMILY)
 def test_native_kernels_give_the_same_bits_on_any_thread_count(cls):
     # ranks of a distributed run must stay identical whatever their thread settings
     shapes = [(700, 400), (16, 768), (768, 16), (3, 5, 2, 2), (9,)]
@@ -491,7 +498,7 @@ def test_native_kernels_give_the_same_bits_on_any_thread_count(cls):
             params = _params(shapes=shapes)
             optimizer = cls(params, lr=1e-2, fused=True)
             _run(optimizer, params, LOSSES[:4])
-            assert not optimizer._compiled
+            assert not optimizer._dispatcher.compiled
             results.append(([p.detach().clone() for p in params], _states(optimizer, params)))
     finally:
         torch.set_num_threads(threads)
@@ -502,17 +509,17 @@ def test_native_kernels_give_the_same_bits_on_any_thread_count(cls):
 
 
 # ------------------------------------------------------------------------------ errors
-def test_sparse_gradients_are_refused(optimizer_class):
+def test_sparse_gradients_are_refused(any_optimizer_class):
     embedding = torch.nn.Embedding(10, 3, sparse=True)
-    optimizer = optimizer_class(embedding.parameters(), lr=1e-3)
+    optimizer = any_optimizer_class(embedding.parameters(), lr=1e-3)
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         optimizer.step(loss=1.0)
 
 
-def test_complex_parameters_are_refused(optimizer_class):
+def test_complex_parameters_are_refused(any_optimizer_class):
     p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    optimizer = optimizer_class([p], lr=1e-3)
+    optimizer = any_optimizer_class([p], lr=1e-3)
     p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="complex"):
         optimizer.step(loss=1.0)
@@ -524,14 +531,14 @@ def test_complex_parameters_are_refused(optimizer_class):
      ({"betas": (0.9, 1.0)}, "betas must be"), ({"betas": (0.9,)}, "betas must be"),
      ({"state_dtype": "int8"}, "state_dtype"), ({"foreach": True, "fused": True}, "at most one")],
 )
-def test_bad_arguments_are_named(optimizer_class, kwargs, message):
+def test_bad_arguments_are_named(any_optimizer_class, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        optimizer_class(_params(), **kwargs)
+        any_optimizer_class(_params(), **kwargs)
 
 
-def test_arguments_after_lr_are_keyword_only(optimizer_class):
+def test_arguments_after_lr_are_keyword_only(any_optimizer_class):
     with pytest.raises(TypeError):
-        optimizer_class(_params(), 1e-3, (0.9, 0.99))
+        any_optimizer_class(_params(), 1e-3, (0.9, 0.99))
 
 
 def test_a_param_group_with_a_bad_lr_is_refused():
@@ -579,7 +586,54 @@ def test_writer_receives_the_reference_tags(optimizer_class):
     assert max(step for _, _, step in writer.calls) == 3
 
 
-def test_lightning_accepts_the_optimizers(optimizer_class):
+def test_lightning_accepts_the_optimizers(any_optimizer_class):
     from lightning.fabric.utilities.types import Optimizable
 
-    assert isinstance(optimizer_class(_params(), lr=1e-3), Optimizable)
+    assert isinstance(any_optimizer_class(_params(), lr=1e-3), Optimizable)
+
+
+# ---------------------------------------------------------------------- public interface
+def test_every_optimizer_offers_the_interface_the_callbacks_use(any_optimizer_class):
+    from emolightning.optim import EmotionalOptimizer
+
+    params = _params()
+    optimizer = any_optimizer_class(params, lr=1e-2, use_shadow=True)
+    assert isinstance(optimizer, EmotionalOptimizer)
+    assert not isinstance(torch.optim.AdamW(_params(), lr=1e-3), EmotionalOptimizer)
+    assert optimizer.shadow_weights(params) is None  # no step yet: no shadow
+    assert not optimizer.restore_from_shadow(params)
+    _run(optimizer, params, LOSSES)
+    shadows = optimizer.shadow_weights(params)
+    if any_optimizer_class is EmoClan:  # Clan keeps a shadow only once a parameter's own scalar says so
+        shadows = shadows or []
+    for p, shadow in zip(params, shadows):
+        assert shadow is optimizer.state[p]["shadow"]
+    if shadows:
+        assert optimizer.restore_from_shadow(params)
+        for p, shadow in zip(params, shadows):
+            torch.testing.assert_close(p.detach(), shadow.to(p.dtype))
+    kept = [optimizer.state[p].get("shadow") for p in params[:2]]
+    optimizer.drop_moments(params[:2])
+    for p, shadow in zip(params[:2], kept):  # moments start afresh (zeros), the shadow stays
+        assert optimizer.state[p].get("shadow") is shadow
+        assert all(not v.any() for k, v in optimizer.state[p].items() if k != "shadow")
+    assert all(any(v.any() for k, v in optimizer.state[p].items() if torch.is_tensor(v) and k != "shadow")
+               for p in params[2:] if any_optimizer_class is not EmoVoid)  # EmoVoid keeps no moments
+    if any_optimizer_class in SENS_FAMILY:  # lr is emoScope; the groups' lr shows emoPulse
+        assert optimizer.lr_name == "emoScope" and optimizer.lr_values() == [1e-2]
+        optimizer.scale_lr(0.5)
+        assert optimizer.lr_values() == [5e-3] and optimizer.emoScope == 5e-3
+    else:
+        assert optimizer.lr_name == "lr" and optimizer.lr_values() == [1e-2]
+        optimizer.param_groups[0]["initial_lr"] = 1e-2  # as a scheduler sets it
+        optimizer.scale_lr(0.5)
+        assert optimizer.lr_values() == [5e-3] and optimizer.param_groups[0]["initial_lr"] == 5e-3
+    _run(optimizer, params, LOSSES)  # the dropped state is created afresh
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_without_use_shadow_there_is_no_optimizer_shadow(any_optimizer_class):
+    params = _params()
+    optimizer = any_optimizer_class(params, lr=1e-2)
+    _run(optimizer, params, LOSSES)
+    assert optimizer.shadow_weights(params) is None and not optimizer.restore_from_shadow(params)

@@ -2,11 +2,13 @@
 //
 // One call updates every tensor of a bucket: the elements of all tensors are split across
 // torch's CPU threads and each element is read and written once, with no per-tensor dispatch.
-// The arithmetic follows the Python updates in emonavi.py, emolynx.py and emofact.py, operation
-// by operation (built without fused multiply-adds); EmoFact's row and column sums are
+// The arithmetic follows the Python updates in emonavi.py, emolynx.py, emofact.py, emosens.py,
+// emoairy.py, emotion.py and emovoid.py (EmoCats runs EmoLynx's kernel), operation by operation
+// (built without fused multiply-adds); EmoFact's and EmoAiry's row and column sums are
 // accumulated in double, so they may round differently from torch's mean.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -96,10 +98,14 @@ void for_each_span(TensorList tensors, const F& f) {
   });
 }
 
-// ------------------------------------------------------------------------------------ EmoNavi
+// ------------------------------------------------------------------------------ EmoNavi, EmoSens
 // The element loops take restrict pointers and their constants by value, so the compiler knows
 // that no store changes them and vectorizes the loop.
-template <typename T, bool decays>
+// How weight decay is applied: EmoNavi subtracts p * lr * wd (p - p * decay), EmoSens multiplies
+// by (1 - wd * lr) (p * keep), each as its Python update does.
+enum class Decay { kNone, kSubtract, kMultiply };
+
+template <typename T, Decay decay_mode>
 EMO_INLINE void navi_body(T* __restrict p, const T* __restrict g, T* __restrict m,
                           T* __restrict v, int64_t n, T b1, T b2, T c1, T c2, T e, T decay, T step) {
   for (int64_t i = 0; i < n; ++i) {
@@ -109,51 +115,75 @@ EMO_INLINE void navi_body(T* __restrict p, const T* __restrict g, T* __restrict 
     m[i] = mi;
     v[i] = vi;
     T pi = p[i];
-    if (decays) pi = pi - pi * decay;
+    if (decay_mode == Decay::kSubtract) pi = pi - pi * decay;
+    if (decay_mode == Decay::kMultiply) pi = pi * decay;
     p[i] = pi - mi / (std::sqrt(vi) + e) * step;
   }
 }
 
+template <typename T>
+EMO_INLINE void navi_dispatch(T* p, const T* g, T* m, T* v, int64_t n, T b1, T b2, T c1, T c2, T e,
+                              T decay, T step, Decay mode) {
+  switch (mode) {
+    case Decay::kNone: return navi_body<T, Decay::kNone>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step);
+    case Decay::kSubtract: return navi_body<T, Decay::kSubtract>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step);
+    case Decay::kMultiply: return navi_body<T, Decay::kMultiply>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step);
+  }
+}
+
 EMO_CLONES void navi_span(float* p, const float* g, float* m, float* v, int64_t n, float b1,
-                          float b2, float c1, float c2, float e, float decay, float step, bool decays) {
-  decays ? navi_body<float, true>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step)
-         : navi_body<float, false>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step);
+                          float b2, float c1, float c2, float e, float decay, float step, Decay mode) {
+  navi_dispatch<float>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step, mode);
 }
 EMO_CLONES void navi_span(double* p, const double* g, double* m, double* v, int64_t n, double b1,
                           double b2, double c1, double c2, double e, double decay, double step,
-                          bool decays) {
-  decays ? navi_body<double, true>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step)
-         : navi_body<double, false>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step);
+                          Decay mode) {
+  navi_dispatch<double>(p, g, m, v, n, b1, b2, c1, c2, e, decay, step, mode);
 }
 
 template <typename T>
 void navi_impl(TensorList params, TensorList grads, TensorList exp_avgs,
                TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
-               double eps, double weight_decay) {
+               double eps, double weight_decay, bool multiplicative) {
   const T b1 = beta1, b2 = beta2, c1 = 1 - beta1, c2 = 1 - beta2, e = eps;
-  const T decay = lr * weight_decay, step = lr * drive;
+  const T decay = multiplicative ? 1 - weight_decay * lr : lr * weight_decay, step = lr * drive;
+  const Decay mode = weight_decay == 0 ? Decay::kNone : multiplicative ? Decay::kMultiply : Decay::kSubtract;
   for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
     T* p = params[t].data_ptr<T>() + begin;
     const T* g = grads[t].data_ptr<T>() + begin;
     navi_span(p, g, exp_avgs[t].data_ptr<T>() + begin, exp_avg_sqs[t].data_ptr<T>() + begin,
-              end - begin, b1, b2, c1, c2, e, decay, step, weight_decay != 0);
+              end - begin, b1, b2, c1, c2, e, decay, step, mode);
   });
+}
+
+void adam_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               double lr, double drive, double beta1, double beta2, double eps, double weight_decay,
+               bool multiplicative, const char* name) {
+  check_floating(params);
+  for (auto* list : {&params, &grads, &exp_avgs, &exp_avg_sqs}) check_list(*list, params[0], name);
+  check_parallel(params, grads, "grads");
+  check_parallel(params, exp_avgs, "exp_avgs");
+  check_parallel(params, exp_avg_sqs, "exp_avg_sqs");
+  if (params[0].scalar_type() == at::kFloat) {
+    navi_impl<float>(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay,
+                     multiplicative);
+  } else {
+    navi_impl<double>(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay,
+                      multiplicative);
+  }
+  bump_versions({params, exp_avgs, exp_avg_sqs});
 }
 
 void navi_step(TensorList params, TensorList grads, TensorList exp_avgs,
                TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
                double eps, double weight_decay) {
-  check_floating(params);
-  for (auto* list : {&params, &grads, &exp_avgs, &exp_avg_sqs}) check_list(*list, params[0], "navi");
-  check_parallel(params, grads, "grads");
-  check_parallel(params, exp_avgs, "exp_avgs");
-  check_parallel(params, exp_avg_sqs, "exp_avg_sqs");
-  if (params[0].scalar_type() == at::kFloat) {
-    navi_impl<float>(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay);
-  } else {
-    navi_impl<double>(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay);
-  }
-  bump_versions({params, exp_avgs, exp_avg_sqs});
+  adam_step(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay, false, "navi");
+}
+
+void sens_step(TensorList params, TensorList grads, TensorList exp_avgs,
+               TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
+               double eps, double weight_decay) {
+  adam_step(params, grads, exp_avgs, exp_avg_sqs, lr, drive, beta1, beta2, eps, weight_decay, true, "sens");
 }
 
 // ------------------------------------------------------------------------------------ EmoLynx
@@ -201,10 +231,22 @@ void lynx_step(TensorList params, TensorList grads, TensorList exp_avgs,
   bump_versions({params, exp_avgs});
 }
 
-// ------------------------------------------------------------------------------------ EmoFact
+// ------------------------------------------------------------------------------ EmoFact, EmoAiry
+// The two factored rules differ in their statistics and weight decay:
+//   EmoFact: row/column EMAs (beta1) of root mean squares (sqrt(mean + eps)), vectors' second
+//            moment decays with beta1; p - p * (lr * wd);
+//   EmoAiry: row/column EMAs (beta2) of mean squares, vectors' second moment decays with beta2;
+//            p * (1 - wd * lr).
+// Both step with sign(g).
+//
 // One row of a matrix: the sign step, the row's sum of squares (returned) and its squares added
-// to the column sums.
-template <typename T>
+// to the column sums. With `multiply`, `decay` is the factor that keeps the weight.
+template <typename T, bool multiply>
+EMO_INLINE T decayed(T p, T decay) {
+  return multiply ? p * decay : p - p * decay;
+}
+
+template <typename T, bool multiply>
 EMO_INLINE double fact_row_body(T* __restrict p, const T* __restrict g,
                                 double* __restrict col_sums, int64_t n, T decay, T step) {
   // kLanes running sums (added up at the end in a fixed order): one sum would chain every
@@ -218,8 +260,7 @@ EMO_INLINE double fact_row_body(T* __restrict p, const T* __restrict g,
       const T g2 = gj * gj;
       lanes[k] += g2;
       col_sums[j + k] += g2;
-      const T pj = p[j + k];
-      p[j + k] = (pj - pj * decay) - sign_of(gj) * step;
+      p[j + k] = decayed<T, multiply>(p[j + k], decay) - sign_of(gj) * step;
     }
   }
   for (; j < n; ++j) {
@@ -227,40 +268,42 @@ EMO_INLINE double fact_row_body(T* __restrict p, const T* __restrict g,
     const T g2 = gj * gj;
     lanes[0] += g2;
     col_sums[j] += g2;
-    const T pj = p[j];
-    p[j] = (pj - pj * decay) - sign_of(gj) * step;
+    p[j] = decayed<T, multiply>(p[j], decay) - sign_of(gj) * step;
   }
   double row_sum = 0;
   for (double lane : lanes) row_sum += lane;
   return row_sum;
 }
 
-template <typename T>
+template <typename T, bool multiply>
 EMO_INLINE void fact_vector_body(T* __restrict p, const T* __restrict g, T* __restrict v,
-                                 int64_t n, T b1, T c2, T decay, T step) {
+                                 int64_t n, T keep_v, T c2, T decay, T step) {
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i];
-    v[i] = v[i] * b1 + gi * gi * c2;
-    const T pi = p[i];
-    p[i] = (pi - pi * decay) - sign_of(gi) * step;
+    v[i] = v[i] * keep_v + gi * gi * c2;
+    p[i] = decayed<T, multiply>(p[i], decay) - sign_of(gi) * step;
   }
 }
 
 EMO_CLONES double fact_row(float* p, const float* g, double* col_sums, int64_t n, float decay,
-                           float step) {
-  return fact_row_body<float>(p, g, col_sums, n, decay, step);
+                           float step, bool multiply) {
+  return multiply ? fact_row_body<float, true>(p, g, col_sums, n, decay, step)
+                  : fact_row_body<float, false>(p, g, col_sums, n, decay, step);
 }
 EMO_CLONES double fact_row(double* p, const double* g, double* col_sums, int64_t n, double decay,
-                           double step) {
-  return fact_row_body<double>(p, g, col_sums, n, decay, step);
+                           double step, bool multiply) {
+  return multiply ? fact_row_body<double, true>(p, g, col_sums, n, decay, step)
+                  : fact_row_body<double, false>(p, g, col_sums, n, decay, step);
 }
-EMO_CLONES void fact_vector_span(float* p, const float* g, float* v, int64_t n, float b1, float c2,
-                                 float decay, float step) {
-  fact_vector_body<float>(p, g, v, n, b1, c2, decay, step);
+EMO_CLONES void fact_vector_span(float* p, const float* g, float* v, int64_t n, float keep_v, float c2,
+                                 float decay, float step, bool multiply) {
+  multiply ? fact_vector_body<float, true>(p, g, v, n, keep_v, c2, decay, step)
+           : fact_vector_body<float, false>(p, g, v, n, keep_v, c2, decay, step);
 }
-EMO_CLONES void fact_vector_span(double* p, const double* g, double* v, int64_t n, double b1,
-                                 double c2, double decay, double step) {
-  fact_vector_body<double>(p, g, v, n, b1, c2, decay, step);
+EMO_CLONES void fact_vector_span(double* p, const double* g, double* v, int64_t n, double keep_v,
+                                 double c2, double decay, double step, bool multiply) {
+  multiply ? fact_vector_body<double, true>(p, g, v, n, keep_v, c2, decay, step)
+           : fact_vector_body<double, false>(p, g, v, n, keep_v, c2, decay, step);
 }
 
 struct RowBlock {
@@ -271,9 +314,14 @@ template <typename T>
 void fact_impl(TensorList params, TensorList grads, TensorList rows,
                TensorList cols, TensorList params_1d, TensorList grads_1d,
                TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
-               double eps, double weight_decay) {
-  const T b1 = beta1, c1 = 1 - beta1, c2 = 1 - beta2, e = eps;
-  const T decay = lr * weight_decay, step = lr * drive;
+               double eps, double weight_decay, bool airy) {
+  // the statistics' decay and increment weights
+  const T b = airy ? beta2 : beta1, c = airy ? 1 - beta2 : 1 - beta1, c2 = 1 - beta2, e = eps;
+  const T decay = airy ? 1 - weight_decay * lr : lr * weight_decay, step = lr * drive;
+  auto statistic = [&](T old, double sum, int64_t count) -> T {
+    const T mean = static_cast<T>(sum / count);
+    return airy ? old * b + mean * c : old * b + std::sqrt(mean + e) * c;
+  };
 
   // Matrices (dim >= 2, viewed as [rows, numel / rows]) in blocks of whole rows. A matrix in
   // one block finishes its column statistics in that block; the blocks of a larger matrix
@@ -297,16 +345,14 @@ void fact_impl(TensorList params, TensorList grads, TensorList rows,
   }
   std::vector<double> partial(partial_size);
   auto finish_columns = [&](int64_t t, const double* sums) {
-    T* c = cols[t].data_ptr<T>();
+    T* col = cols[t].data_ptr<T>();
     const int64_t n_rows = params[t].size(0), n_cols = params[t].numel() / n_rows;
-    for (int64_t j = 0; j < n_cols; ++j) {
-      c[j] = c[j] * b1 + std::sqrt(static_cast<T>(sums[j] / n_rows) + e) * c1;
-    }
+    for (int64_t j = 0; j < n_cols; ++j) col[j] = statistic(col[j], sums[j], n_rows);
   };
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<double> local;
-    for (int64_t b = first; b < last; ++b) {
-      const RowBlock& block = blocks[b];
+    for (int64_t k = first; k < last; ++k) {
+      const RowBlock& block = blocks[k];
       const int64_t t = block.matrix;
       const int64_t n_cols = params[t].numel() / params[t].size(0);
       double* sums = block.partial >= 0 ? partial.data() + block.partial : nullptr;
@@ -318,8 +364,8 @@ void fact_impl(TensorList params, TensorList grads, TensorList rows,
       const T* g = grads[t].data_ptr<T>();
       T* r = rows[t].data_ptr<T>();
       for (int64_t i = block.row_begin; i < block.row_end; ++i) {
-        const double row_sum = fact_row(p + i * n_cols, g + i * n_cols, sums, n_cols, decay, step);
-        r[i] = r[i] * b1 + std::sqrt(static_cast<T>(row_sum / n_cols) + e) * c1;
+        const double row_sum = fact_row(p + i * n_cols, g + i * n_cols, sums, n_cols, decay, step, airy);
+        r[i] = statistic(r[i], row_sum, n_cols);
       }
       if (block.partial < 0) finish_columns(t, sums);
     }
@@ -345,43 +391,197 @@ void fact_impl(TensorList params, TensorList grads, TensorList rows,
   if (!params_1d.empty()) {
     for_each_span(params_1d, [&](size_t t, int64_t begin, int64_t end) {
       fact_vector_span(params_1d[t].data_ptr<T>() + begin, grads_1d[t].data_ptr<T>() + begin,
-                       exp_avg_sqs[t].data_ptr<T>() + begin, end - begin, b1, c2, decay, step);
+                       exp_avg_sqs[t].data_ptr<T>() + begin, end - begin, b, c2, decay, step, airy);
     });
   }
+}
+
+void factored_step(TensorList params, TensorList grads, TensorList rows,
+                   TensorList cols, TensorList params_1d, TensorList grads_1d,
+                   TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
+                   double eps, double weight_decay, bool airy) {
+  const char* name = airy ? "airy" : "fact";
+  std::vector<Tensor> every(params.begin(), params.end());
+  every.insert(every.end(), params_1d.begin(), params_1d.end());
+  check_floating(every);
+  const Tensor& like = every[0];
+  for (auto* list : {&params, &grads, &rows, &cols, &params_1d, &grads_1d, &exp_avg_sqs}) {
+    check_list(*list, like, name);
+  }
+  check_parallel(params, grads, "grads");
+  check_parallel(params_1d, grads_1d, "grads_1d");
+  check_parallel(params_1d, exp_avg_sqs, "exp_avg_sqs");
+  TORCH_CHECK(rows.size() == params.size() && cols.size() == params.size(),
+              name, ": expected one row and one column statistic per matrix");
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(params[t].dim() >= 2, name, ": params[", t, "] is not a matrix");
+    const int64_t n_rows = params[t].size(0);
+    TORCH_CHECK(rows[t].numel() == n_rows, name, ": rows[", t, "] has ", rows[t].numel(),
+                " elements for ", n_rows, " rows");
+    TORCH_CHECK(n_rows == 0 || cols[t].numel() == params[t].numel() / n_rows, name, ": cols[", t,
+                "] has ", cols[t].numel(), " elements for ", params[t].numel() / n_rows, " columns");
+  }
+  if (like.scalar_type() == at::kFloat) {
+    fact_impl<float>(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, beta1,
+                     beta2, eps, weight_decay, airy);
+  } else {
+    fact_impl<double>(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, beta1,
+                      beta2, eps, weight_decay, airy);
+  }
+  bump_versions({params, rows, cols, params_1d, exp_avg_sqs});
 }
 
 void fact_step(TensorList params, TensorList grads, TensorList rows,
                TensorList cols, TensorList params_1d, TensorList grads_1d,
                TensorList exp_avg_sqs, double lr, double drive, double beta1, double beta2,
                double eps, double weight_decay) {
-  std::vector<Tensor> every(params.begin(), params.end());
-  every.insert(every.end(), params_1d.begin(), params_1d.end());
-  check_floating(every);
-  const Tensor& like = every[0];
-  for (auto* list : {&params, &grads, &rows, &cols, &params_1d, &grads_1d, &exp_avg_sqs}) {
-    check_list(*list, like, "fact");
+  factored_step(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, beta1, beta2,
+                eps, weight_decay, false);
+}
+
+// EmoAiry takes no eps (its step never divides by its statistics).
+void airy_step(TensorList params, TensorList grads, TensorList rows,
+               TensorList cols, TensorList params_1d, TensorList grads_1d,
+               TensorList exp_avg_sqs, double lr, double drive, double beta2, double weight_decay) {
+  factored_step(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, 0.0, beta2,
+                0.0, weight_decay, true);
+}
+
+// ------------------------------------------------------------------------------------ EmoTion
+// exp_avg = exp_avg * (1 - alpha) + g * alpha, then p -= lr * sign(exp_avg). `alpha` is
+// (1 - beta1) * the step's gradient freshness, computed by the caller.
+template <typename T>
+EMO_INLINE void tion_body(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n,
+                          T keep, T alpha, T step) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T mi = m[i] * keep + g[i] * alpha;
+    m[i] = mi;
+    p[i] = p[i] - sign_of(mi) * step;
   }
+}
+
+EMO_CLONES void tion_span(float* p, const float* g, float* m, int64_t n, float keep, float alpha, float step) {
+  tion_body<float>(p, g, m, n, keep, alpha, step);
+}
+EMO_CLONES void tion_span(double* p, const double* g, double* m, int64_t n, double keep, double alpha,
+                          double step) {
+  tion_body<double>(p, g, m, n, keep, alpha, step);
+}
+
+template <typename T>
+void tion_impl(TensorList params, TensorList grads, TensorList exp_avgs, double lr, double alpha) {
+  const T keep = 1 - alpha, a = alpha, step = lr;
+  for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
+    tion_span(params[t].data_ptr<T>() + begin, grads[t].data_ptr<T>() + begin,
+              exp_avgs[t].data_ptr<T>() + begin, end - begin, keep, a, step);
+  });
+}
+
+// The Python rule's second per-step scalar is the gradient freshness; alpha = (1 - beta1) * it.
+void tion_step(TensorList params, TensorList grads, TensorList exp_avgs, double lr, double freshness,
+               double beta1) {
+  check_floating(params);
+  for (auto* list : {&params, &grads, &exp_avgs}) check_list(*list, params[0], "tion");
   check_parallel(params, grads, "grads");
-  check_parallel(params_1d, grads_1d, "grads_1d");
-  check_parallel(params_1d, exp_avg_sqs, "exp_avg_sqs");
-  TORCH_CHECK(rows.size() == params.size() && cols.size() == params.size(),
-              "fact: expected one row and one column statistic per matrix");
-  for (size_t t = 0; t < params.size(); ++t) {
-    TORCH_CHECK(params[t].dim() >= 2, "fact: params[", t, "] is not a matrix");
-    const int64_t n_rows = params[t].size(0);
-    TORCH_CHECK(rows[t].numel() == n_rows, "fact: rows[", t, "] has ", rows[t].numel(),
-                " elements for ", n_rows, " rows");
-    TORCH_CHECK(n_rows == 0 || cols[t].numel() == params[t].numel() / n_rows, "fact: cols[", t,
-                "] has ", cols[t].numel(), " elements for ", params[t].numel() / n_rows, " columns");
-  }
-  if (like.scalar_type() == at::kFloat) {
-    fact_impl<float>(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, beta1,
-                     beta2, eps, weight_decay);
+  check_parallel(params, exp_avgs, "exp_avgs");
+  const double alpha = (1 - beta1) * freshness;
+  if (params[0].scalar_type() == at::kFloat) {
+    tion_impl<float>(params, grads, exp_avgs, lr, alpha);
   } else {
-    fact_impl<double>(params, grads, rows, cols, params_1d, grads_1d, exp_avg_sqs, lr, drive, beta1,
-                      beta2, eps, weight_decay);
+    tion_impl<double>(params, grads, exp_avgs, lr, alpha);
   }
-  bump_versions({params, rows, cols, params_1d, exp_avg_sqs});
+  bump_versions({params, exp_avgs});
+}
+
+// ------------------------------------------------------------------------------------ EmoVoid
+template <typename T>
+EMO_INLINE void void_body(T* __restrict p, const T* __restrict g, int64_t n, T step) {
+  for (int64_t i = 0; i < n; ++i) p[i] = p[i] - sign_of(g[i]) * step;
+}
+
+EMO_CLONES void void_span(float* p, const float* g, int64_t n, float step) { void_body<float>(p, g, n, step); }
+EMO_CLONES void void_span(double* p, const double* g, int64_t n, double step) { void_body<double>(p, g, n, step); }
+
+void void_step(TensorList params, TensorList grads, double lr, double drive) {
+  check_floating(params);
+  for (auto* list : {&params, &grads}) check_list(*list, params[0], "void");
+  check_parallel(params, grads, "grads");
+  const double step = lr * drive;
+  for_each_span(params, [&](size_t t, int64_t begin, int64_t end) {
+    if (params[0].scalar_type() == at::kFloat) {
+      void_span(params[t].data_ptr<float>() + begin, grads[t].data_ptr<float>() + begin, end - begin,
+                static_cast<float>(step));
+    } else {
+      void_span(params[t].data_ptr<double>() + begin, grads[t].data_ptr<double>() + begin, end - begin, step);
+    }
+  });
+  bump_versions({params});
+}
+
+// ------------------------------------------------------------------ EmoTion's, EmoVoid's norm
+// The sum of the tensors' L1 norms, as the reference computes it (each tensor's norm in its
+// dtype, then added up in order, promoting float32 to float64 where they mix), with each
+// tensor's elements summed in double over chunks of a fixed size: the bits do not depend on
+// how many threads share the work.
+template <typename T>
+EMO_INLINE double abs_sum_body(const T* __restrict x, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += std::abs(static_cast<double>(x[i + k]));
+  }
+  for (; i < n; ++i) lanes[0] += std::abs(static_cast<double>(x[i]));
+  double sum = 0;
+  for (double lane : lanes) sum += lane;
+  return sum;
+}
+
+EMO_CLONES double abs_sum(const float* x, int64_t n) { return abs_sum_body<float>(x, n); }
+EMO_CLONES double abs_sum(const double* x, int64_t n) { return abs_sum_body<double>(x, n); }
+
+Tensor l1_total(TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "l1_total: expected at least one tensor");
+  bool any_double = false;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "l1_total: every tensor must be on the CPU");
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                "l1_total: float32 or float64 tensors only, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "l1_total: every tensor must be contiguous");
+    any_double = any_double || t.scalar_type() == at::kDouble;
+  }
+  struct Chunk {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t begin = 0; begin < n; begin += kGrain) chunks.push_back({t, begin, std::min(n, begin + kGrain)});
+  }
+  std::vector<double> sums(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& chunk = chunks[c];
+      const Tensor& t = tensors[chunk.tensor];
+      sums[c] = t.scalar_type() == at::kFloat
+                    ? abs_sum(t.data_ptr<float>() + chunk.begin, chunk.end - chunk.begin)
+                    : abs_sum(t.data_ptr<double>() + chunk.begin, chunk.end - chunk.begin);
+    }
+  });
+  std::vector<double> norms(tensors.size(), 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) norms[chunks[c].tensor] += sums[c];
+  // each norm rounded to its tensor's dtype, then added up in order in the promoted dtype
+  if (any_double) {
+    double total = 0;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      total += tensors[t].scalar_type() == at::kFloat ? static_cast<double>(static_cast<float>(norms[t])) : norms[t];
+    }
+    return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+  }
+  float total = 0;
+  for (double norm : norms) total += static_cast<float>(norm);
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
 }
 
 }  // namespace
@@ -395,10 +595,25 @@ TORCH_LIBRARY(emolightning, m) {
   m.def("fact_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] rows, Tensor(c!)[] cols, "
         "Tensor(d!)[] params_1d, Tensor[] grads_1d, Tensor(e!)[] exp_avg_sqs, float lr, "
         "float drive, float beta1, float beta2, float eps, float weight_decay) -> ()");
+  m.def("sens_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, float lr, float drive, float beta1, float beta2, float eps, "
+        "float weight_decay) -> ()");
+  m.def("airy_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] rows, Tensor(c!)[] cols, "
+        "Tensor(d!)[] params_1d, Tensor[] grads_1d, Tensor(e!)[] exp_avg_sqs, float lr, "
+        "float drive, float beta2, float weight_decay) -> ()");
+  m.def("tion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, "
+        "float freshness, float beta1) -> ()");
+  m.def("void_step_(Tensor(a!)[] params, Tensor[] grads, float lr, float drive) -> ()");
+  m.def("l1_total(Tensor[] tensors) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(emolightning, CPU, m) {
   m.impl("navi_step_", &navi_step);
   m.impl("lynx_step_", &lynx_step);
   m.impl("fact_step_", &fact_step);
+  m.impl("sens_step_", &sens_step);
+  m.impl("airy_step_", &airy_step);
+  m.impl("tion_step_", &tion_step);
+  m.impl("void_step_", &void_step);
+  m.impl("l1_total", &l1_total);
 }
