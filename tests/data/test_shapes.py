@@ -9,7 +9,6 @@ import pytest
 
 from emolightning.data.shapes import (
     BASE_PROMPTS,
-    SCENE_ATTRIBUTES,
     SCENE_BACKGROUNDS,
     SCENE_COLOURS,
     SCENE_WORDS,
