@@ -252,3 +252,23 @@ def write_stars(directory: Union[str, Path], *, count: int = 24, size: int = 64,
         (folder.parent / "scenes.json").write_text(json.dumps(scenes, indent=1))
 
     return _write_once(directory, f"{repeats}_star", fill)
+
+
+BUILTIN_SETS = {SHAPES: write_shapes, STARS: write_stars}
+"""The built-in data sets ``data.root`` accepts by name, and the function that writes each."""
+
+
+def builtin_set(root: Union[str, Path], resolution: int) -> Union[Path, None]:
+    """Write the built-in set named ``root`` (``"builtin:shapes"`` or ``"builtin:stars"``) at
+    ``resolution`` pixels into the temporary directory, once, and return its folder; ``None``
+    for any other ``root`` (a folder of the user's).
+
+    Example:
+        >>> builtin_set("builtin:stars", 32)  # doctest: +SKIP
+        PosixPath('/tmp/emolightning-stars-32')
+    """
+    writer = BUILTIN_SETS.get(str(root))
+    if writer is None:
+        return None
+    name = str(root).split(":", 1)[1]
+    return writer(Path(tempfile.gettempdir()) / f"emolightning-{name}-{resolution}", size=resolution)

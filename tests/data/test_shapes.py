@@ -5,6 +5,7 @@ import json
 import random
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from emolightning.data.shapes import (
@@ -116,3 +117,19 @@ def test_write_shapes_is_unchanged(tmp_path):
     captions = sorted((folder / "2_emoshape").glob("*.txt"))
     assert len(captions) == 24
     assert captions[0].read_text().startswith("emoshape, a ")
+
+
+def test_data_root_builtin_stars_is_the_star_set(tmp_path, monkeypatch):
+    from emolightning._checks import check_data_root
+    from emolightning.data import ImageCaptionDataModule
+    from jsonargparse import Namespace
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the built-in sets are written there
+    data = ImageCaptionDataModule("builtin:stars", resolution=32, min_bucket=32, max_bucket=32, bucket_step=32)
+    assert data.check_folder() == 24
+    assert data.root == tmp_path / "emolightning-stars-32"
+    captions = [p.read_text() for p in sorted((data.root / "1_star").glob("*.txt"))]
+    assert len(captions) == 24 and all(parse_caption(c)["shape"] == "star" for c in captions)
+    with Image.open(data.root / "1_star" / "000.png") as image:
+        assert image.size == (32, 32)
+    check_data_root(Namespace(data=Namespace(root="builtin:stars")))  # a known name, not a missing folder
