@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from emolightning.data.shapes import SCENE_ATTRIBUTES, parse_caption
+from emolightning.data.shapes import (BASE_PROMPTS, SCENE_ATTRIBUTES, STAR_PROMPTS, STAR_UNSEEN_PROMPTS,
+                                      parse_caption)
 
 CONCEPT = "star"  # the shape held out of the mini base's pretraining
 CLASSIFIER_FILE = Path(__file__).parent / "weights" / "scene_classifier.safetensors"
@@ -147,6 +148,42 @@ class ConceptScore:
             raise ValueError("a prompt names no scene attribute (shape, colour, size, place or background), so "
                              f"there is nothing to score: {[p for p, n in zip(prompts, named.any(1)) if not n]}")
         return agreement.nan_to_num(0.0).sum(dim=1) / named.sum(dim=1)
+
+
+CONCEPT_PROMPTS = {"star": {"seen": STAR_PROMPTS, "unseen": STAR_UNSEEN_PROMPTS, "base": BASE_PROMPTS}}
+"""Each held-out concept's prompt lists: the trigger word in combinations its LoRA set shows
+(``seen``), in combinations it never shows (``unseen``), and prompts without it (``base``)."""
+CONCEPT_METRICS = {
+    "concept": "P(concept) on the seen trigger prompts' pictures: has the LoRA learned it?",
+    "concept_unseen": "P(concept) on the unseen trigger prompts' pictures: does it generalise?",
+    "base_agreement": "prompt agreement on the base prompts' pictures: falls when the base is damaged",
+    "base_concept": "P(concept) on the base prompts' pictures: rises when the concept leaks into them",
+}
+"""What :func:`concept_report` returns, by name (validation logs them as ``val/<name>``)."""
+
+
+def concept_report(score: ConceptScore, images: dict[str, Sequence[Any]],
+                   prompts: dict[str, Sequence[str]]) -> dict[str, float]:
+    """The four :data:`CONCEPT_METRICS` from pictures drawn for the prompt lists.
+
+    Args:
+        score: the scorer.
+        images: ``{"seen": [...], "unseen": [...], "base": [...]}``, the pictures drawn for each
+            list (any number of seeds per prompt, in the order of ``prompts``).
+        prompts: the same keys: each picture's prompt.
+
+    Example:
+        >>> lists = CONCEPT_PROMPTS["star"]
+        >>> images = {name: module.generate(list(group)) for name, group in lists.items()}
+        >>> concept_report(ConceptScore(), images, lists)["concept"]  # doctest: +SKIP
+        0.83
+    """
+    return {
+        "concept": float(score.presence(images["seen"]).mean()),
+        "concept_unseen": float(score.presence(images["unseen"]).mean()),
+        "base_agreement": float(score.score(images["base"], prompts["base"]).mean()),
+        "base_concept": float(score.presence(images["base"]).mean()),
+    }
 
 
 def load_classifier(path: Union[str, Path, None] = None) -> SceneClassifier:

@@ -4,7 +4,7 @@ for a list of prompts at fixed seeds, and a PNG grid written atomically (and to 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -59,6 +59,19 @@ def sampling_mode(module: torch.nn.Module, networks: Sequence[torch.nn.Module], 
             network.to("cpu")
 
 
+@contextmanager
+def adapters_disabled(networks: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The networks' peft adapters turned off (the base model draws), turned back on afterwards."""
+    networks = list(networks)
+    for network in networks:
+        network.disable_adapters()
+    try:
+        yield
+    finally:
+        for network in networks:
+            network.enable_adapters()
+
+
 @torch.no_grad()
 def generate_images(pipe: Any, prompts: Sequence[str], *, seed: int, size: int, inference_steps: int,
                     guidance_scale: float) -> list[Any]:
@@ -88,23 +101,27 @@ def generate_images(pipe: Any, prompts: Sequence[str], *, seed: int, size: int, 
     return images
 
 
-def save_image_grid(images: Sequence[Any], folder: Path, step: int, experiment: Any = None) -> Path:
-    """The images side by side as ``folder/step<step>.png`` (written to a temporary name and
-    renamed), and to ``experiment`` (a TensorBoard ``SummaryWriter``) as ``"samples"`` when given.
+def save_image_grid(images: Sequence[Any], folder: Path, step: int, experiment: Any = None,
+                    columns: Optional[int] = None) -> Path:
+    """The images in rows of ``columns`` (default: all side by side) as ``folder/step<step>.png``
+    (written to a temporary name and renamed), and to ``experiment`` (a TensorBoard
+    ``SummaryWriter``) as ``"samples"`` when given.
 
     Args:
         images: PIL images of one size.
         folder: where the PNG goes (created if missing).
         step: the training step, in the file name and for TensorBoard.
         experiment: a logger's ``experiment``; used when it has ``add_image``.
+        columns: pictures per row.
     """
     import numpy as np
     from PIL import Image
 
     width, height = images[0].size
-    grid = Image.new("RGB", (width * len(images), height))
+    columns = columns or len(images)
+    grid = Image.new("RGB", (width * columns, height * -(-len(images) // columns)))
     for index, image in enumerate(images):
-        grid.paste(image, (index * width, 0))
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
     folder.mkdir(parents=True, exist_ok=True)
     path, temporary = folder / f"step{step:06d}.png", folder / f".step{step:06d}.png.partial"
     grid.save(temporary, format="PNG")
