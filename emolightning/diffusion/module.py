@@ -566,7 +566,7 @@ class SDLoRAModule(pl.LightningModule):
                 for index in range(hp.concept_seeds):
                     drawn.append(generate_images(pipe, prompts, seed=hp.seed + 1000 * index, size=hp.sample_size,
                                                  inference_steps=hp.concept_inference_steps,
-                                                 guidance_scale=hp.sample_guidance_scale))
+                                                 guidance_scale=hp.sample_guidance_scale, batch_size=len(prompts)))
             images, start = {}, 0
             for name, group in lists.items():
                 images[name] = [image for seed_images in drawn for image in seed_images[start:start + len(group)]]
