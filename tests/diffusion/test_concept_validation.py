@@ -2,11 +2,15 @@
 usable as the monitor of PlateauContinuation and ShadowCheckpoint, printed in the run summary;
 and the sample grid's base row (model.sample_base)."""
 
+import os
+from datetime import timedelta
 from functools import partial
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
 from emolightning.callbacks import EmoLossFeed, PlateauContinuation, RunSummary, ShadowCheckpoint
@@ -78,3 +82,30 @@ def test_sample_grid_puts_the_base_above_the_lora(tmp_path):
     assert np.array_equal(grid[:32, :32], np.asarray(base[0])) and np.array_equal(grid[:32, 32:], np.asarray(base[1]))
     assert not np.array_equal(grid[32:, :32], grid[:32, :32])
     assert all(network.active_adapters() == ["default"] for network in module._lora_networks().values())
+
+
+class SameScoreOnEveryRank(pl.Callback):
+    """Inside each worker: the concept score was drawn on rank 0 alone, and every rank logged it."""
+
+    def on_validation_end(self, trainer, pl_module):
+        values = torch.tensor([trainer.callback_metrics[name].item() for name in METRICS])
+        gathered = pl_module.all_gather(values)
+        assert gathered.shape == (2, len(METRICS)) and torch.equal(gathered[0], gathered[1])
+        assert (pl_module._concept_scorer is not None) == (trainer.global_rank == 0)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_log_rank_zeros_concept_score(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    module = SDLoRAModule(TINY, lora_rank=4, sample_size=64, concept_score="star", concept_seeds=1,
+                          concept_inference_steps=1)
+    data = ImageCaptionDataModule("builtin:shapes", resolution=64, bucketing=False, min_bucket=64, batch_size=2,
+                                  val_split=0.2)
+    trainer = pl.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                         accelerator="cpu", devices=2, use_distributed_sampler=False,
+                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=300)),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[SameScoreOnEveryRank()])
+    trainer.fit(module, datamodule=data)
+    assert trainer.state.finished
+    assert set(METRICS) <= set(trainer.callback_metrics)  # rank 0's, sent back: the validation ran
