@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from emolightning.data.shapes import SHAPES
+from emolightning.data.shapes import BUILTIN_SETS, SHAPES
 from emolightning.diffusion.adapters import is_adapter_parameter
 
 # Lightning resolves these ckpt_path values itself, from the run's own checkpoints
@@ -39,7 +39,7 @@ def check_data_root(config: Any) -> None:
     """
     data = config.get("data")
     root = None if data is None else data.get("root")
-    if root is None or str(root) == SHAPES:
+    if root is None or str(root) in BUILTIN_SETS:
         return
     folder = Path(str(root)).expanduser()
     if not folder.is_dir():

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from emolightning.cli import EmoLightningCLI
 
@@ -63,18 +64,30 @@ def test_a_missing_model_path_is_named_before_anything_loads(tmp_path):
         EmoLightningCLI(args=[*args, "--data.root=builtin:shapes"], run=False)
 
 
-def test_quickstart_runs_and_writes_its_outputs(tmp_path, capsys):
+def test_quickstart_runs_and_writes_its_outputs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # builtin:stars is written there
     quickstart = next(p for p in RECIPES if p.stem == "quickstart")
+    text = quickstart.read_text()
+    assert "pretrained: builtin:mini" in text and "root: builtin:stars" in text and "concept_score: star" in text
+    # shortened: 50 steps, one validation, a cheaper concept score
     cli = EmoLightningCLI(args=["fit", "--config", str(quickstart), f"--trainer.default_root_dir={tmp_path}",
-                                "--trainer.max_steps=40", "--trainer.enable_progress_bar=false"])
-    assert cli.trainer.global_step == 40
+                                "--trainer.max_steps=50", "--trainer.enable_progress_bar=false",
+                                "--model.sample_every_n_steps=50", "--model.concept_seeds=1",
+                                "--model.concept_inference_steps=2"])
+    assert cli.trainer.global_step == 50
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
     assert {"EmoLossFeed", "PlateauContinuation", "ShadowCheckpoint", "EmotionMonitor", "RankConsistency"} <= names
+    assert {"val_loss", "val/concept", "val/concept_unseen", "val/base_agreement", "val/base_concept"} <= set(
+        cli.trainer.callback_metrics)
+    assert sorted(cli.model.concept_scores) == [0, 50]  # the base, and the validation at step 50
     log_dir = Path(cli.trainer.log_dir)
     assert (log_dir / "emotion.png").exists() and (log_dir / "config.yaml").exists()
-    assert sorted(p.name for p in (log_dir / "samples").glob("*.png")) == ["step000040.png"]
-    assert list((log_dir / "checkpoints").glob("shadow-step40.safetensors"))
-    assert sorted(p.name for p in (log_dir / "lora").iterdir()) == ["lora-step40.diffusers.safetensors",
-                                                                    "lora-step40.kohya.safetensors"]
+    assert sorted(p.name for p in (log_dir / "samples").glob("*.png")) == ["step000050.png"]
+    with Image.open(log_dir / "samples" / "step000050.png") as grid:  # the base's row above the LoRA's
+        assert grid.size == (6 * 32, 2 * 32)
+    assert list((log_dir / "checkpoints").glob("shadow-best.safetensors"))  # the best val/concept
+    assert sorted(p.name for p in (log_dir / "lora").iterdir()) == ["lora-step50.diffusers.safetensors",
+                                                                    "lora-step50.kohya.safetensors"]
     summary = capsys.readouterr().out
     assert "outputs" in summary and "emotion plot" in summary and "LoRA" in summary and "shadow" in summary
+    assert "concept score" in summary

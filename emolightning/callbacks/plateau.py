@@ -42,10 +42,14 @@ class PlateauContinuation(StepCallback):
     or no relative improvement of at least ``min_delta`` in ``patience`` checks of a value:
     the training loss averaged over the last ``window`` steps (``monitor="train_loss"``) or any
     logged metric such as a validation loss. Every decision is reduced across processes, so all
-    ranks change stage on the same step.
+    ranks change stage on the same step. A logged metric counts once per new value: a check that
+    finds the value the last check judged, with no validation run in between (a validation
+    metric between two validations, e.g. ``val/concept`` when validation runs every N steps),
+    is skipped rather than counted against the patience.
 
     Args:
-        monitor: ``"should_stop"``, ``"train_loss"`` or the name of a logged metric.
+        monitor: ``"should_stop"``, ``"train_loss"`` or the name of a logged metric (e.g.
+            ``"val_loss"``, or ``"val/concept"`` with ``mode="max"``).
         mode: ``"min"`` or ``"max"`` for a monitored value.
         patience: checks without enough improvement before a plateau is declared.
         min_delta: relative improvement that counts (0.01 = 1 %).
@@ -126,6 +130,8 @@ class PlateauContinuation(StepCallback):
         self.stages: list[dict[str, Any]] = []
         self.stop_reason: Optional[str] = None
         self.lrs_now: Optional[list[list[float]]] = None
+        self.validations = 0  # validation runs seen, to tell a fresh logged value from a stale one
+        self._last_judged: Optional[tuple[float, int]] = None
 
     @property
     def state_key(self) -> str:
@@ -175,6 +181,11 @@ class PlateauContinuation(StepCallback):
         step = record.step
         if self.check_every_n_steps is not None and step > 0 and step % self.check_every_n_steps == 0:
             self._check(trainer, pl_module, record.snapshots)
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.sanity_checking:
+            self.validations += 1
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -250,6 +261,10 @@ class PlateauContinuation(StepCallback):
                 value = None if metric is None else self._rank_mean(trainer, metric.detach())
             if value is None or math.isnan(value):
                 return False, value
+            if self.monitor != TRAIN_LOSS:
+                if self._last_judged == (value, self.validations):
+                    return False, value  # nothing new since the last check: not counted
+                self._last_judged = (value, self.validations)
             if self._improved(value):
                 self.best, self.wait = value, 0
             else:

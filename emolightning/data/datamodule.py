@@ -4,7 +4,6 @@ that follow :mod:`emolightning.batch`."""
 from __future__ import annotations
 
 import random
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import replace
@@ -34,7 +33,7 @@ from emolightning.batch import (
 from emolightning.data.buckets import BucketBatchSampler, assign_bucket, make_buckets
 from emolightning.data.captions import IMAGE_EXTENSIONS, Item, augment_caption, caption_dropped, scan_folder
 from emolightning.data.resumable import ResumableDataLoader
-from emolightning.data.shapes import SHAPES, write_shapes
+from emolightning.data.shapes import BUILTIN_SETS, builtin_set
 
 
 LATENT_FACTOR = 8
@@ -271,8 +270,10 @@ class ImageCaptionDataModule(pl.LightningDataModule):
     :class:`emolightning.batch.CaptionedData`.
 
     Args:
-        root: the image folder, or ``"builtin:shapes"``: 24 generated pictures of coloured shapes
-            (for the quickstart and tests).
+        root: the image folder, or a built-in set: ``"builtin:shapes"`` (24 generated pictures of
+            coloured shapes, for tests) or ``"builtin:stars"`` (24 pictures of stars, the concept
+            ``builtin:mini`` never saw, trigger word ``star``; the quickstart's set, see
+            docs/mini-base.md). Built-in sets are written at ``resolution`` on first use.
         caption_extension: extension of the caption files.
         missing_caption: ``"folder"``, ``"filename"``, ``"empty"`` or ``"error"``.
         resolution: the side of the square training size; buckets keep its area. A multiple
@@ -331,7 +332,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
             _check_latent_multiple(name, value)
         self.save_hyperparameters()
         self.hparams.root = str(root)  # checkpoints must load with weights_only=True: no Path objects
-        self.root = Path(root).expanduser() if str(root) != SHAPES else None
+        self.root = Path(root).expanduser() if str(root) not in BUILTIN_SETS else None
         self.dataset: Optional[ImageCaptionDataset] = None
         self.val_dataset: Optional[ImageCaptionDataset] = None
         self.skipped: list[tuple[Path, str]] = []
@@ -383,11 +384,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         return kept, sizes
 
     def prepare_data(self) -> None:
-        if self.hparams.root == SHAPES:
-            write_shapes(self._shapes_dir(), size=self.hparams.resolution)
-
-    def _shapes_dir(self) -> Path:
-        return Path(tempfile.gettempdir()) / f"emolightning-shapes-{self.hparams.resolution}"
+        builtin_set(self.hparams.root, self.hparams.resolution)
 
     def check_folder(self) -> int:
         """Check ``data.root`` now, cheaply: the folder exists, its captions (or
@@ -417,8 +414,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
 
     def _scan(self) -> tuple[list[Item], list[Path]]:
         hp = self.hparams
-        if hp.root == SHAPES:
-            self.root = write_shapes(self._shapes_dir(), size=hp.resolution)
+        self.root = builtin_set(hp.root, hp.resolution) or self.root
         items, missing = scan_folder(self.root, hp.caption_extension, hp.missing_caption)
         if not items:
             raise ValueError(f"data.root (--data.root): no images in {self.root} or its subfolders (looked for "

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 
+from emolightning.diffusion.mini import MINI
 from emolightning.diffusion.single_file import FAMILIES, config_files, folder_family, load_single_file
 
 TINY = "builtin:tiny"
@@ -49,8 +50,9 @@ class SDComponents:
 
 def load_components(pretrained: str, family: Optional[str] = None, base_config: Optional[str] = None) -> SDComponents:
     """Load a local diffusers folder, a single ``.safetensors``/``.ckpt`` checkpoint in the
-    original layout (with ``base_config``), or build a built-in tiny model (``"builtin:tiny"``:
-    SD 1.x layout; ``"builtin:tiny-sdxl"``: SDXL layout).
+    original layout (with ``base_config``), or a built-in model: ``"builtin:tiny"`` (random
+    weights, SD 1.x layout), ``"builtin:tiny-sdxl"`` (random, SDXL layout) or ``"builtin:mini"``
+    (a small pretrained SD 1.x base shipped with the package: 32x32 pictures of coloured shapes).
 
     Args:
         pretrained: the folder, the file, or a built-in name.
@@ -84,18 +86,19 @@ def load_components(pretrained: str, family: Optional[str] = None, base_config: 
                             family=parts["family"], text_encoder_2=parts.get("text_encoder_2"),
                             tokenizer_2=parts.get("tokenizer_2"))
     scratch = None
-    if pretrained in (TINY, TINY_XL):
+    if pretrained in (TINY, TINY_XL, MINI):
+        from emolightning.diffusion.mini import build_mini_sd
         from emolightning.diffusion.tiny import build_tiny_sd, build_tiny_sdxl
 
         scratch = Path(tempfile.mkdtemp(prefix="emolightning-tiny-"))
-        folder = (build_tiny_sdxl if pretrained == TINY_XL else build_tiny_sd)(scratch / "model")
+        folder = {TINY: build_tiny_sd, TINY_XL: build_tiny_sdxl, MINI: build_mini_sd}[pretrained](scratch / "model")
     else:
         folder = Path(pretrained).expanduser()
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(f"model.pretrained: {pretrained!r} is not a diffusers model folder or a file; pass "
                                     "a local diffusers folder (one with model_index.json, unet/, vae/, text_encoder/, "
                                     "tokenizer/, scheduler/), a .safetensors/.ckpt file with model.base_config, "
-                                    "'builtin:tiny' or 'builtin:tiny-sdxl'")
+                                    "'builtin:tiny', 'builtin:tiny-sdxl' or 'builtin:mini'")
     try:
         found = folder_family(folder)
         family = family or found

@@ -53,7 +53,9 @@ from emolightning.diffusion.noise import (
     training_scheduler,
     training_target,
 )
-from emolightning.diffusion.sampling import build_pipeline, generate_images, sampling_mode, save_image_grid
+from emolightning.diffusion.concept import CONCEPT_METRICS, CONCEPT_PROMPTS
+from emolightning.diffusion.sampling import (adapters_disabled, build_pipeline, generate_images, sampling_mode,
+                                             save_image_grid)
 from emolightning.optim import EmoNavi
 from emolightning.run import run_events
 
@@ -149,6 +151,22 @@ class SDLoRAModule(pl.LightningModule):
         sample_every_n_steps: how often (0: never); images go to ``<log dir>/samples`` as PNG and
             to TensorBoard when that is the logger.
         sample_size, sample_inference_steps, sample_guidance_scale: the sampling settings.
+        sample_base: also draw the sample prompts once with the adapter turned off (the base
+            model, same seeds) and put them as the first row of every sample grid, above the
+            current pictures: before and after side by side.
+        concept_score: score what the model has learned of a held-out concept (``"star"``,
+            the concept of ``builtin:mini`` and ``builtin:stars``; see docs/mini-base.md): at
+            every validation, and once before the first step, draw its prompt lists
+            (:data:`~emolightning.diffusion.concept.CONCEPT_PROMPTS`) and read the pictures with
+            :class:`~emolightning.diffusion.concept.ConceptScore`; logged as ``val/concept``
+            (P(star) on the trigger prompts), ``val/concept_unseen`` (on trigger prompts in
+            combinations the set never shows), ``val/base_agreement`` (how well prompts without
+            the trigger word still get what they ask for) and ``val/base_concept`` (P(star) on
+            them), usable as a callback's ``monitor``, and printed in the run summary. Drawn on
+            rank 0 and broadcast, so every rank logs the same values. It needs a validation set
+            (``data.val_split``); ``None`` (the default) turns it off.
+        concept_seeds, concept_inference_steps: the concept score's cost: seeds per prompt (10
+            prompts each) and DDIM steps; guidance and size are the sample settings'.
         cache_latents: ``"none"``, ``"memory"`` or ``"disk"``: encode each training image once
             and reuse its latents (needs ``cache_key`` in batches, which ImageCaptionDataModule
             provides; images with random crops or flips are encoded every time).
@@ -202,6 +220,10 @@ class SDLoRAModule(pl.LightningModule):
         sample_size: int = 512,
         sample_inference_steps: int = 20,
         sample_guidance_scale: float = 7.5,
+        sample_base: bool = False,
+        concept_score: Optional[str] = None,
+        concept_seeds: int = 2,
+        concept_inference_steps: int = 10,
         cache_latents: str = "none",
         latent_cache_dir: Optional[str] = None,
         export_formats: Optional[list[str]] = None,
@@ -223,6 +245,12 @@ class SDLoRAModule(pl.LightningModule):
         if dropped_caption_embedding not in DROPPED_CAPTION_EMBEDDINGS:
             raise ValueError(f"model.dropped_caption_embedding must be 'empty_prompt' or 'zeros', got "
                              f"{dropped_caption_embedding!r}")
+        if concept_score is not None and concept_score not in CONCEPT_PROMPTS:
+            raise ValueError(f"model.concept_score: unknown concept {concept_score!r}; the built-in one is "
+                             f"{sorted(CONCEPT_PROMPTS)} (train on data.root=builtin:stars), or leave it unset")
+        if concept_seeds < 1 or concept_inference_steps < 1:
+            raise ValueError(f"model.concept_seeds and model.concept_inference_steps must be at least 1, got "
+                             f"{concept_seeds} and {concept_inference_steps}")
         if cache_text_embeddings and train_text_encoder:
             raise ValueError("model.cache_text_embeddings needs frozen text encoders; it cannot be combined with "
                              "model.train_text_encoder=true (turn one of them off)")
@@ -269,6 +297,9 @@ class SDLoRAModule(pl.LightningModule):
         self._restored_generators: Optional[list[Tensor]] = None
         self._sampled_at = -1
         self._output_dir: Optional[Path] = None
+        self._base_samples: Optional[list[Any]] = None
+        self._concept_scorer: Any = None
+        self.concept_scores: dict[int, dict[str, float]] = {}  # by step; step 0 is the base
         self.scheduler_config = parts.scheduler_config
 
     @property
@@ -508,6 +539,63 @@ class SDLoRAModule(pl.LightningModule):
         self.val_loss.update(torch.stack(errors).mean(dim=0))
         self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=latents.shape[0])
 
+    def on_validation_epoch_start(self) -> None:
+        # here, not at the epoch's end: callbacks' on_validation_epoch_end (ShadowCheckpoint's
+        # monitor) run before the module's, and must see this validation's score
+        if self.hparams.concept_score is None or self.trainer.sanity_checking:
+            return
+        for name, value in self.score_concept().items():
+            self.log(f"val/{name}", value, on_epoch=True, batch_size=1)
+
+    def score_concept(self) -> dict[str, float]:
+        """Draw ``concept_score``'s prompt lists (``concept_seeds`` seeds each) with the model as
+        it is now and score them (:func:`~emolightning.diffusion.concept.concept_report`); on
+        rank 0, broadcast to the others. Recorded in :attr:`concept_scores` and the run summary."""
+        from emolightning.diffusion.concept import ConceptScore, concept_report
+
+        hp = self.hparams
+        report = None
+        if self._trainer is None or self.trainer.is_global_zero:
+            if self._concept_scorer is None:
+                self._concept_scorer = ConceptScore(hp.concept_score)
+            lists = CONCEPT_PROMPTS[hp.concept_score]
+            prompts = [p for group in lists.values() for p in group]
+            pipe = self.pipeline()
+            drawn = []
+            with sampling_mode(self, self.text_encoders, self.device):
+                for index in range(hp.concept_seeds):
+                    drawn.append(generate_images(pipe, prompts, seed=hp.seed + 1000 * index, size=hp.sample_size,
+                                                 inference_steps=hp.concept_inference_steps,
+                                                 guidance_scale=hp.sample_guidance_scale, batch_size=len(prompts)))
+            images, start = {}, 0
+            for name, group in lists.items():
+                images[name] = [image for seed_images in drawn for image in seed_images[start:start + len(group)]]
+                start += len(group)
+            report = concept_report(self._concept_scorer, images,
+                                    {name: list(group) * hp.concept_seeds for name, group in lists.items()})
+        if self._trainer is None:
+            return report
+        if self.trainer.world_size > 1:
+            report = self.trainer.strategy.broadcast(report, src=0)
+        step = self.trainer.global_step
+        self.concept_scores[step] = report
+        self._publish_concept_scores()
+        return report
+
+    def _publish_concept_scores(self) -> None:
+        """One run-summary row: the latest concept score, and the base's (step 0) when known."""
+        events = run_events(self.trainer)
+        for output in [o for o in events.outputs if o.what == "concept score"]:
+            events.withdraw(output.where)
+        step = max(self.concept_scores)
+        latest = self.concept_scores[step]
+        base = self.concept_scores.get(0) if step != 0 else None
+        parts = []
+        for name in CONCEPT_METRICS:
+            text = f"val/{name} {latest[name]:.2f}"
+            parts.append(text + (f" (base {base[name]:.2f})" if base is not None else ""))
+        events.publish("concept score", f"step {step}: " + ", ".join(parts))
+
     # ------------------------------------------------------------------------- samples
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.hparams.sample_every_n_steps
@@ -516,6 +604,17 @@ class SDLoRAModule(pl.LightningModule):
                 and self.trainer.is_global_zero):
             self._sampled_at = step
             self.save_samples(step)
+
+    def on_train_start(self) -> None:
+        states = self._restored_generators
+        if states is not None:  # setup() re-seeded; a resumed run continues the saved streams
+            if len(states) == self.trainer.world_size:
+                self.generator.set_state(states[self.global_rank].clone())  # a view would crash set_state
+            else:  # another process count: fresh streams, apart per process and from the first run's
+                self.generator.manual_seed(self.hparams.seed + self.global_rank + 1_000_003 * self.global_step)
+            self._restored_generators = None
+        if self.hparams.concept_score is not None and self.global_step == 0:
+            self.score_concept()  # the base's score, before any step: what the LoRA starts from
 
     def generate(self, prompts: list[str], *, seed: Optional[int] = None) -> list[Any]:
         """Images (PIL) for ``prompts`` from the model as it is now, one fixed seed per prompt."""
@@ -534,9 +633,17 @@ class SDLoRAModule(pl.LightningModule):
                               force_zeros_for_empty_prompt=self.dropped_caption_embedding == "zeros")
 
     def save_samples(self, step: int) -> Path:
-        """Draw the sample prompts and save them as one PNG grid (and to TensorBoard)."""
-        images = self.generate(list(self.hparams.sample_prompts))
-        path = save_image_grid(images, self.output_dir() / "samples", step, getattr(self.logger, "experiment", None))
+        """Draw the sample prompts and save them as one PNG grid (and to TensorBoard); with
+        ``sample_base``, the base model's pictures (adapter off, same seeds) form its first row."""
+        prompts = list(self.hparams.sample_prompts)
+        images = self.generate(prompts)
+        if self.hparams.sample_base:
+            if self._base_samples is None:
+                with adapters_disabled(self._lora_networks().values()):
+                    self._base_samples = self.generate(prompts)
+            images = self._base_samples + images
+        path = save_image_grid(images, self.output_dir() / "samples", step, getattr(self.logger, "experiment", None),
+                               columns=len(prompts))
         if self._trainer is not None:
             run_events(self.trainer).publish("sample images", path.parent)
         return path
@@ -592,15 +699,6 @@ class SDLoRAModule(pl.LightningModule):
         if states is None and checkpoint.get("emolightning_generator") is not None:  # saved by an older version
             states = [checkpoint["emolightning_generator"]]
         self._restored_generators = states
-
-    def on_train_start(self) -> None:
-        states = self._restored_generators
-        if states is not None:  # setup() re-seeded; a resumed run continues the saved streams
-            if len(states) == self.trainer.world_size:
-                self.generator.set_state(states[self.global_rank].clone())  # a view would crash set_state
-            else:  # another process count: fresh streams, apart per process and from the first run's
-                self.generator.manual_seed(self.hparams.seed + self.global_rank + 1_000_003 * self.global_step)
-            self._restored_generators = None
 
     # --------------------------------------------------------------------------- export
     def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None,

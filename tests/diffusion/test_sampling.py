@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from emolightning.diffusion import SDLoRAModule
-from emolightning.diffusion.sampling import save_image_grid
+from emolightning.diffusion.sampling import generate_images, save_image_grid
 
 
 @pytest.mark.slow
@@ -32,6 +32,19 @@ def test_sampling_leaves_the_module_in_training_mode():
     assert module.training and module.unet.training
 
 
+@pytest.mark.slow
+def test_prompts_drawn_in_a_batch_start_from_the_same_noise():
+    module = SDLoRAModule("builtin:mini", lora_rank=4)
+    prompts = ["a big red circle, white background", "a small blue square, black background", "a big yellow star"]
+    pipe = module.pipeline()
+    settings = dict(seed=5, size=32, inference_steps=4, guidance_scale=5.0)
+    one_by_one = generate_images(pipe, prompts, **settings)
+    batched = generate_images(pipe, prompts, batch_size=2, **settings)  # a batch of two, then one
+    assert [image.size for image in batched] == [(32, 32)] * 3
+    for single, together in zip(one_by_one, batched):  # the same picture, up to the arithmetic's last bits
+        assert np.abs(np.asarray(single, dtype=float) - np.asarray(together, dtype=float)).max() <= 2
+
+
 def test_the_grid_is_written_whole_and_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
@@ -50,3 +63,12 @@ def test_the_grid_is_written_whole_and_to_tensorboard(tmp_path):
     (logged,) = events.Images("samples")
     assert (logged.step, logged.width, logged.height) == (7, 96, 16)
     assert save_image_grid(images[:1], tmp_path / "samples", 8).name == "step000008.png"  # no logger: PNG only
+
+
+def test_the_grid_can_have_rows(tmp_path):
+    images = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue", "white", "yellow")]
+    with Image.open(save_image_grid(images, tmp_path, 1, columns=2)) as grid:
+        pixels = np.asarray(grid)
+    assert pixels.shape == (24, 16, 3)  # three rows of two, the last one half empty
+    assert pixels[0, 8].tolist() == [0, 128, 0] and pixels[8, 0].tolist() == [0, 0, 255]
+    assert pixels[16, 0].tolist() == [255, 255, 0] and pixels[16, 8].tolist() == [0, 0, 0]
