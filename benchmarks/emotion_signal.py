@@ -253,11 +253,11 @@ def main(argv: Optional[list[str]] = None, emit: Callable[[str], None] = print) 
     parser.add_argument("--steps", type=int, default=480)
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 60 still steps, 40 learning steps")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 48 still steps, 30 learning steps")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.still_steps, args.steps, args.window = 60, 40, 10
+        args.still_steps, args.steps, args.window = 48, 30, 10
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*in eval mode at the start of training.*")
