@@ -3,9 +3,12 @@ measured on ``builtin:mini`` with a LoRA on the held-out star (``builtin:stars``
 
 * ``raw``: the batch's training loss (plain MSE; the reference behaviour);
 * ``snr5``: the batch mean of each image's error times its min-SNR-5 weight;
-* ``calibrated``: the batch mean of each image's loss over its timestep bin's running mean
+* ``calibrated``: the batch mean of each image's loss times the mean of all timestep bins'
+  running mean losses over its own bin's
   (:class:`~emolightning.diffusion.emotion_signal.EmotionSignal`, the module's default settings:
   10 bins, horizon 1000 steps), plus variants (20 bins; horizon 200; no forgetting);
+* ``relative``: the batch mean of each image's loss over its bin's running mean, without the
+  level (a number near 1: it measures the loss against its own recent past);
 * ``strat-raw`` / ``strat-calibrated``: the same with stratified timestep draws
   (``stratified_timesteps=True``: one timestep per quarter of the range in each batch of 4).
 
@@ -15,7 +18,8 @@ passes only, ``--still-steps`` batches; each signal is replayed through a real `
 sits in the boost (``0.25 < |s| < 0.5``), brake (``|s| > 0.75``) and blend (``|s| > 0.625``)
 zones, and the step ``should_stop`` first fires. Also: each signal's coefficient of variation.
 
-Tracking (b): a real Lightning fit (EmoNavi lr 2e-3 fed the raw loss, rank 4, attention_ff) for
+Tracking (b): a real Lightning fit (AdamW lr 5e-4, constant, so that no signal steers it; rank
+4, attention_ff) for
 ``--steps`` steps, with the denoising loss of 12 held-out star pictures (8 fixed timesteps,
 fixed noise) every ``--window`` steps; per window, the Spearman rank correlation between each
 signal's window mean and the held-out loss (levels), and between their window-to-window changes
@@ -74,8 +78,8 @@ class Recording(SDLoRAModule):
         return terms
 
 
-def make_module(stratified: bool, lr: float = 2e-3) -> Recording:
-    return Recording("builtin:mini", lora_rank=4, target_preset="attention_ff", optimizer=partial(EmoNavi, lr=lr),
+def make_module(stratified: bool, lr: float = 5e-4) -> Recording:
+    return Recording("builtin:mini", lora_rank=4, target_preset="attention_ff", optimizer=partial(torch.optim.AdamW, lr=lr),
                      emotion_signal="raw", stratified_timesteps=stratified, cache_latents="memory", sample_size=32,
                      seed=0)
 
@@ -99,6 +103,13 @@ def signals(module: SDLoRAModule, record, prefix: str = "") -> dict[str, list[fl
             continue
         signal = EmotionSignal("calibrated", T, **settings)
         out[prefix + name] = [signal(torch.tensor(loss), per, t).item() for per, t, loss in record]
+    if not prefix:
+        baseline = EmotionSignal("calibrated", T).baseline
+        relative = []
+        for per, t, _ in record:
+            relative.append(baseline.relative(per, t).mean().item())
+            baseline.update(per, t)
+        out["relative"] = relative
     return out
 
 
@@ -250,8 +261,8 @@ def still_to_come(held: list[tuple[int, float]], step: Optional[int]) -> Optiona
 def main(argv: Optional[list[str]] = None, emit: Callable[[str], None] = print) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--still-steps", type=int, default=800)
-    parser.add_argument("--steps", type=int, default=480)
-    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--window", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 48 still steps, 30 learning steps")
     parser.add_argument("--json", type=Path, help="also write the results here")

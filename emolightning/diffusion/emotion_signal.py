@@ -4,10 +4,11 @@ A diffusion training loss is mostly decided by the timestep each image happens t
 how far the model has learned: on a trained denoiser an image's error at timestep 50 is about
 twenty times its error at timestep 950. The Emo optimizers compare a short and a long running
 average of the loss they are fed; fed the batch loss, their emotion follows which timesteps the
-last few batches drew. ``"calibrated"`` feeds them instead each image's loss divided by the
-running mean loss of its timestep bin (:class:`TimestepBaseline`), averaged over the batch: a
-number near 1 that moves when the model improves (or worsens) at the timesteps it is tried on,
-and hardly at all when batches just draw other timesteps. The optimizer's own arithmetic is
+last few batches drew. ``"calibrated"`` feeds them instead each image's loss rescaled by how
+much its timestep bin costs compared with the average bin (:class:`TimestepBaseline`: the
+running mean loss of each bin), averaged over the batch. Its expected value is the loss the
+model has now, averaged over all timesteps, as for the raw loss; but a batch that drew easy (or
+hard) timesteps no longer looks like progress (or a setback). The optimizer's own arithmetic is
 unchanged; only what it is fed changes. docs/optimizers.md and docs/results.md (the
 measurements) say more.
 """
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
+import math
+
 import torch
 from torch import Tensor
 
 EMOTION_SIGNALS = ("raw", "calibrated")
 """What the Emo optimizers read (``SDLoRAModule(emotion_signal=...)``): ``"raw"``, the batch
-loss (the reference behaviour), or ``"calibrated"``, each image's loss relative to its
-timestep bin's running mean."""
+loss (the reference behaviour), or ``"calibrated"``, each image's loss rescaled by its timestep
+bin's running mean relative to all bins' (:meth:`TimestepBaseline.calibrate`)."""
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -34,8 +37,8 @@ def check_emotion_signal(value: str) -> str:
 
 
 class TimestepBaseline:
-    """A running mean of the per-image loss in each timestep bin, and each image's loss
-    relative to it.
+    """A running mean of the per-image loss in each timestep bin (the loss *profile* over the
+    timesteps), and each image's loss measured against it.
 
     The ``num_train_timesteps`` timesteps are split into ``bins`` equal bins. Every update adds
     a batch's losses to its bins' sums and counts after multiplying all the sums and counts by
@@ -44,9 +47,9 @@ class TimestepBaseline:
     bias) however rarely the bin is drawn. The sums and counts of a batch are summed across
     processes before they are added (``reduce``), so every rank holds the same baseline.
 
-    :meth:`relative` uses the baseline from *before* the batch: an image's ratio never contains
-    itself. A bin that has seen fewer than ``min_count`` (decayed) images so far gives its images
-    the ratio 1.
+    :meth:`relative` and :meth:`calibrate` use the baseline from *before* the batch: an image's
+    value never contains itself. A bin that has seen fewer than ``min_count`` (decayed) images
+    so far has no baseline yet.
 
     Args:
         num_train_timesteps: the noise schedule's number of timesteps.
@@ -56,13 +59,12 @@ class TimestepBaseline:
 
     Example:
         >>> baseline = TimestepBaseline(1000, bins=10)
-        >>> ratios = baseline.observe(torch.tensor([0.5, 0.02]), torch.tensor([30, 940]))
-        >>> ratios  # no baseline yet: neutral
-        tensor([1., 1.], dtype=torch.float64)
+        >>> baseline.observe(torch.tensor([0.5, 0.02]), torch.tensor([30, 940]))  # no baseline yet: as they are
+        tensor([0.5000, 0.0200], dtype=torch.float64)
     """
 
     def __init__(self, num_train_timesteps: int = 1000, *, bins: int = 10, horizon: float = 1000.0,
-                 min_count: float = 2.0) -> None:
+                 min_count: float = 1.5) -> None:
         if bins < 1 or num_train_timesteps < bins:
             raise ValueError(f"TimestepBaseline: need 1 <= bins <= num_train_timesteps, got bins={bins}, "
                              f"num_train_timesteps={num_train_timesteps}")
@@ -87,6 +89,26 @@ class TimestepBaseline:
         values = losses.detach().double().cpu()
         return torch.where(torch.isnan(reference), torch.ones_like(values), values / reference)
 
+    def level(self) -> float:
+        """The mean of the bins' baselines (those that have one): the loss averaged over the
+        timesteps; NaN while no bin has a baseline."""
+        baseline = self.baseline()
+        ready = baseline[~torch.isnan(baseline)]
+        return ready.mean().item() if ready.numel() else float("nan")
+
+    def calibrate(self, losses: Tensor, timesteps: Tensor) -> Tensor:
+        """Each loss times :meth:`level` over its bin's baseline (float64, on the CPU): the loss
+        with its timestep's cost taken out and the overall level kept. A loss whose bin has no
+        baseline yet is kept as it is."""
+        level = self.level()
+        values = losses.detach().double().cpu()
+        if math.isnan(level):
+            return values
+        return self.relative(values, timesteps) * level * self._ready(timesteps) + values * ~self._ready(timesteps)
+
+    def _ready(self, timesteps: Tensor) -> Tensor:
+        return (self.counts >= self.min_count)[self.bin_of(timesteps)]
+
     def update(self, losses: Tensor, timesteps: Tensor, reduce: Optional[Reduce] = None) -> None:
         """Add one batch's losses (this process's; ``reduce`` sums a tensor across processes)."""
         bins = self.bin_of(timesteps)
@@ -99,10 +121,10 @@ class TimestepBaseline:
         self.counts = self.counts * keep + step[1]
 
     def observe(self, losses: Tensor, timesteps: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
-        """:meth:`relative` with the baseline so far, then :meth:`update`."""
-        ratios = self.relative(losses, timesteps)
+        """:meth:`calibrate` with the baseline so far, then :meth:`update`."""
+        calibrated = self.calibrate(losses, timesteps)
         self.update(losses, timesteps, reduce)
-        return ratios
+        return calibrated
 
     def state_dict(self) -> dict[str, Any]:
         return {"bins": self.bins, "horizon": self.horizon, "min_count": self.min_count,
@@ -134,7 +156,7 @@ class EmotionSignal:
     """
 
     def __init__(self, kind: str = "calibrated", num_train_timesteps: int = 1000, *, bins: int = 10,
-                 horizon: float = 1000.0, min_count: float = 2.0) -> None:
+                 horizon: float = 1000.0, min_count: float = 1.5) -> None:
         self.kind = check_emotion_signal(kind)
         self.baseline = TimestepBaseline(num_train_timesteps, bins=bins, horizon=horizon, min_count=min_count)
 

@@ -17,10 +17,10 @@ def test_the_quick_benchmark_reports_every_signal(tmp_path):
     lines = []
     results = benchmark.main(["--quick", "--json", str(tmp_path / "out.json")], emit=lines.append)
     assert json.loads((tmp_path / "out.json").read_text())["stationarity"] == results["stationarity"]
-    names = {"raw", "snr5", "calibrated", "calibrated-20bins", "calibrated-h200", "calibrated-hinf", "strat-raw",
-             "strat-calibrated"}
+    names = {"raw", "snr5", "calibrated", "calibrated-20bins", "calibrated-h200", "calibrated-hinf", "relative",
+             "strat-raw", "strat-calibrated"}
     assert set(results["stationarity"]) == names
-    assert names - {"snr5"} - {n for n in names if n.startswith("calibrated-")} <= set(results["tracking"])
+    assert {"raw", "calibrated", "strat-raw", "strat-calibrated"} <= set(results["tracking"])
     for shares in results["stationarity"].values():
         assert 0.0 <= shares["boost"] + shares["brake"] + shares["neutral"] <= 1.0 + 1e-9
         assert shares["cv"] > 0

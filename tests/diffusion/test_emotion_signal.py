@@ -1,6 +1,7 @@
 """The emotion signal: the per-timestep-bin baseline's maths, stratified timesteps, what the
 optimizer is fed, identical across processes, and continued exactly by a resume."""
 
+import math
 import os
 from datetime import timedelta
 from functools import partial
@@ -42,18 +43,22 @@ def test_the_baseline_is_each_bins_decayed_mean_and_ratios_use_it_from_before_th
         timesteps = torch.randint(0, 1000, (3,), generator=generator)
         losses = torch.rand(3, generator=generator, dtype=torch.float64) + 0.1
         sums, counts = _reference_baseline(history, 5, 7.0)
-        ratios = baseline.observe(losses, timesteps)
-        for ratio, loss, t in zip(ratios.tolist(), losses.tolist(), timesteps.tolist()):
-            b = t * 5 // 1000
-            expected = loss / (sums[b] / counts[b]) if counts[b] >= 1.5 else 1.0
-            assert ratio == pytest.approx(expected, rel=1e-12)
+        means = [s / c if c >= 1.5 else None for s, c in zip(sums, counts)]
+        ready = [m for m in means if m is not None]
+        level = sum(ready) / len(ready) if ready else None
+        ratios = baseline.relative(losses, timesteps)
+        calibrated = baseline.observe(losses, timesteps)
+        for ratio, value, loss, t in zip(ratios.tolist(), calibrated.tolist(), losses.tolist(), timesteps.tolist()):
+            mean = means[t * 5 // 1000]
+            assert ratio == pytest.approx(1.0 if mean is None else loss / mean, rel=1e-12)
+            assert value == pytest.approx(loss if mean is None else loss * level / mean, rel=1e-12)
         history.append((losses, timesteps))
     sums, counts = _reference_baseline(history, 5, 7.0)
     assert baseline.counts.tolist() == pytest.approx(counts, rel=1e-12)
     assert baseline.baseline().tolist() == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-12)
 
 
-def test_a_model_that_does_not_learn_gives_a_signal_near_one_whatever_timesteps_are_drawn():
+def test_the_calibrated_signal_keeps_the_level_and_drops_the_timestep_lottery():
     # losses 20x apart between low and high timesteps, multiplicative noise, nothing changes
     generator = torch.Generator().manual_seed(1)
     signal = EmotionSignal("calibrated", 1000, bins=10, horizon=1000)
@@ -64,8 +69,13 @@ def test_a_model_that_does_not_learn_gives_a_signal_near_one_whatever_timesteps_
         raw.append(per_image.mean().item())
         calibrated.append(signal(per_image.mean(), per_image, timesteps).item())
     tail_raw, tail_cal = torch.tensor(raw[100:]), torch.tensor(calibrated[100:])
-    assert tail_cal.mean().item() == pytest.approx(1.0, abs=0.03)
+    expected = 0.5 * (1 - math.exp(-3.0)) / 3.0  # the loss averaged over the timesteps
+    assert tail_cal.mean().item() == pytest.approx(expected, rel=0.03)
     assert (tail_cal.std() / tail_cal.mean()).item() < 0.5 * (tail_raw.std() / tail_raw.mean()).item()
+    # the model gets 20 % better at every timestep: the calibrated signal drops by 20 % at once
+    timesteps = torch.randint(0, 1000, (4,), generator=generator)
+    better = 0.8 * 0.5 * torch.exp(-3.0 * timesteps / 1000)
+    assert signal(better.mean(), better, timesteps).item() == pytest.approx(0.8 * tail_cal.mean().item(), rel=0.1)
 
 
 def test_the_baseline_round_trips_and_refuses_other_settings():
@@ -108,11 +118,12 @@ class Recorder(pl.Callback):
     """What the optimizer read at each step, and what was logged."""
 
     def __init__(self):
-        self.fed, self.logged = [], []
+        self.fed, self.logged, self.losses = [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.fed.append(trainer.optimizers[0].snapshot().loss)
         self.logged.append(trainer.callback_metrics["train/emotion_signal"].item())
+        self.losses.append(trainer.callback_metrics["train_loss"].item())
 
 
 def _module(signal="calibrated"):
@@ -135,7 +146,9 @@ def test_the_optimizer_reads_the_calibrated_signal_and_raw_keeps_the_training_lo
     _trainer(tmp_path / "c", max_steps=6, callbacks=[recorder]).fit(
         module, DataLoader(Captioned(module.tokenizer), batch_size=2))
     assert recorder.fed == pytest.approx(recorder.logged, rel=1e-6)
-    assert recorder.fed[0] == 1.0 and any(abs(v - 1.0) > 1e-3 for v in recorder.fed[1:])
+    # no baseline at the first step: the loss as it is; later the calibrated value
+    assert recorder.fed[0] == pytest.approx(recorder.losses[0], rel=1e-6)
+    assert any(abs(fed - loss) > 1e-4 * loss for fed, loss in zip(recorder.fed[1:], recorder.losses[1:]))
     assert module.emotion_signal.baseline.counts.sum().item() > 0
 
     raw, raw_recorder = _module("raw"), Recorder()
@@ -185,7 +198,7 @@ class RankCheck(pl.Callback):
         assert torch.equal(state[0], state[1]), "the baselines differ across ranks"
         fed = strategy.all_gather(torch.tensor(trainer.optimizers[0].snapshot().loss, dtype=torch.float64))
         assert torch.equal(fed[0], fed[1]), "the ranks fed their optimizers different signals"
-        local = pl_module.before.relative(pl_module.terms.per_image, pl_module.terms.timesteps).mean()
+        local = pl_module.before.calibrate(pl_module.terms.per_image, pl_module.terms.timesteps).mean()
         both = strategy.all_gather(local)
         assert fed[0].item() == pytest.approx(both.mean().item(), rel=1e-9)
         if trainer.global_step > 1:
