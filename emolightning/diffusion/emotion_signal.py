@@ -4,11 +4,11 @@ A diffusion training loss is mostly decided by the timestep each image happens t
 how far the model has learned: on a trained denoiser an image's error at timestep 50 is about
 twenty times its error at timestep 950. The Emo optimizers compare a short and a long running
 average of the loss they are fed; fed the batch loss, their emotion follows which timesteps the
-last few batches drew. ``"calibrated"`` feeds them instead each image's loss rescaled by how
-much its timestep bin costs compared with the average bin (:class:`TimestepBaseline`: the
-running mean loss of each bin), averaged over the batch. Its expected value is the loss the
-model has now, averaged over all timesteps, as for the raw loss; but a batch that drew easy (or
-hard) timesteps no longer looks like progress (or a setback). The optimizer's own arithmetic is
+last few batches drew. ``"calibrated"`` feeds them instead each image's loss divided by the
+running mean loss of its timestep bin (:class:`TimestepBaseline`), averaged over the batch and
+multiplied by how the mean over all bins has moved since every bin first had a baseline: the
+loss the model has now, averaged over the timesteps, relative to the start (1.0 at the start,
+0.8 once it is 20 % lower), without the swing between batches that drew easy or hard timesteps. The optimizer's own arithmetic is
 unchanged; only what it is fed changes. docs/optimizers.md and docs/results.md (the
 measurements) say more.
 """
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
-import math
-
 import torch
 from torch import Tensor
 
 EMOTION_SIGNALS = ("raw", "calibrated")
 """What the Emo optimizers read (``SDLoRAModule(emotion_signal=...)``): ``"raw"``, the batch
-loss (the reference behaviour), or ``"calibrated"``, each image's loss rescaled by its timestep
-bin's running mean relative to all bins' (:meth:`TimestepBaseline.calibrate`)."""
+loss (the reference behaviour), or ``"calibrated"``, each image's loss measured against its
+timestep bin's running mean, on the scale of the loss at the start
+(:meth:`TimestepBaseline.calibrate`)."""
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -49,7 +48,9 @@ class TimestepBaseline:
 
     :meth:`relative` and :meth:`calibrate` use the baseline from *before* the batch: an image's
     value never contains itself. A bin that has seen fewer than ``min_count`` (decayed) images
-    so far has no baseline yet.
+    so far has no baseline yet. The first time every bin has one, the :meth:`level` (the mean
+    of the bins' baselines) is kept as :attr:`reference`: :meth:`calibrate` measures the level
+    against it.
 
     Args:
         num_train_timesteps: the noise schedule's number of timesteps.
@@ -59,8 +60,8 @@ class TimestepBaseline:
 
     Example:
         >>> baseline = TimestepBaseline(1000, bins=10)
-        >>> baseline.observe(torch.tensor([0.5, 0.02]), torch.tensor([30, 940]))  # no baseline yet: as they are
-        tensor([0.5000, 0.0200], dtype=torch.float64)
+        >>> baseline.observe(torch.tensor([0.5, 0.02]), torch.tensor([30, 940]))  # no baseline yet: neutral
+        tensor([1., 1.], dtype=torch.float64)
     """
 
     def __init__(self, num_train_timesteps: int = 1000, *, bins: int = 10, horizon: float = 1000.0,
@@ -73,6 +74,7 @@ class TimestepBaseline:
         self.num_train_timesteps, self.bins, self.horizon, self.min_count = num_train_timesteps, bins, horizon, min_count
         self.sums = torch.zeros(bins, dtype=torch.float64)
         self.counts = torch.zeros(bins, dtype=torch.float64)
+        self.reference: Optional[float] = None
 
     def bin_of(self, timesteps: Tensor) -> Tensor:
         """Each timestep's bin index."""
@@ -97,17 +99,11 @@ class TimestepBaseline:
         return ready.mean().item() if ready.numel() else float("nan")
 
     def calibrate(self, losses: Tensor, timesteps: Tensor) -> Tensor:
-        """Each loss times :meth:`level` over its bin's baseline (float64, on the CPU): the loss
-        with its timestep's cost taken out and the overall level kept. A loss whose bin has no
-        baseline yet is kept as it is."""
-        level = self.level()
-        values = losses.detach().double().cpu()
-        if math.isnan(level):
-            return values
-        return self.relative(values, timesteps) * level * self._ready(timesteps) + values * ~self._ready(timesteps)
-
-    def _ready(self, timesteps: Tensor) -> Tensor:
-        return (self.counts >= self.min_count)[self.bin_of(timesteps)]
+        """Each loss over its bin's baseline, times :meth:`level` over :attr:`reference` (1
+        until every bin has a baseline): the loss with its timestep's cost taken out, relative
+        to the level at the start (float64, on the CPU)."""
+        ratios = self.relative(losses, timesteps)
+        return ratios if self.reference is None else ratios * (self.level() / self.reference)
 
     def update(self, losses: Tensor, timesteps: Tensor, reduce: Optional[Reduce] = None) -> None:
         """Add one batch's losses (this process's; ``reduce`` sums a tensor across processes)."""
@@ -119,6 +115,8 @@ class TimestepBaseline:
         keep = 1.0 - 1.0 / self.horizon
         self.sums = self.sums * keep + step[0]
         self.counts = self.counts * keep + step[1]
+        if self.reference is None and bool((self.counts >= self.min_count).all()):
+            self.reference = self.level()
 
     def observe(self, losses: Tensor, timesteps: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
         """:meth:`calibrate` with the baseline so far, then :meth:`update`."""
@@ -129,7 +127,7 @@ class TimestepBaseline:
     def state_dict(self) -> dict[str, Any]:
         return {"bins": self.bins, "horizon": self.horizon, "min_count": self.min_count,
                 "num_train_timesteps": self.num_train_timesteps, "sums": self.sums.clone(),
-                "counts": self.counts.clone()}
+                "counts": self.counts.clone(), "reference": self.reference}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["bins"]) != self.bins or int(state["num_train_timesteps"]) != self.num_train_timesteps:
@@ -138,6 +136,7 @@ class TimestepBaseline:
                              f"{self.num_train_timesteps}; resume with the same settings")
         self.sums = state["sums"].to(dtype=torch.float64, device="cpu").clone()
         self.counts = state["counts"].to(dtype=torch.float64, device="cpu").clone()
+        self.reference = None if state.get("reference") is None else float(state["reference"])
 
 
 class EmotionSignal:

@@ -38,21 +38,23 @@ def _reference_baseline(history, bins, horizon, num_train_timesteps=1000):
 def test_the_baseline_is_each_bins_decayed_mean_and_ratios_use_it_from_before_the_batch():
     generator = torch.Generator().manual_seed(0)
     baseline = TimestepBaseline(1000, bins=5, horizon=7.0, min_count=1.5)
-    history = []
+    history, reference = [], None
     for _ in range(30):
         timesteps = torch.randint(0, 1000, (3,), generator=generator)
         losses = torch.rand(3, generator=generator, dtype=torch.float64) + 0.1
         sums, counts = _reference_baseline(history, 5, 7.0)
         means = [s / c if c >= 1.5 else None for s, c in zip(sums, counts)]
-        ready = [m for m in means if m is not None]
-        level = sum(ready) / len(ready) if ready else None
+        if reference is None and None not in means:  # every bin has a baseline: the level is kept
+            reference = sum(means) / len(means)
+        scale = 1.0 if reference is None else sum(means) / len(means) / reference
         ratios = baseline.relative(losses, timesteps)
         calibrated = baseline.observe(losses, timesteps)
         for ratio, value, loss, t in zip(ratios.tolist(), calibrated.tolist(), losses.tolist(), timesteps.tolist()):
             mean = means[t * 5 // 1000]
             assert ratio == pytest.approx(1.0 if mean is None else loss / mean, rel=1e-12)
-            assert value == pytest.approx(loss if mean is None else loss * level / mean, rel=1e-12)
+            assert value == pytest.approx(ratio * scale, rel=1e-12)
         history.append((losses, timesteps))
+    assert reference is not None and baseline.reference == pytest.approx(reference, rel=1e-12)
     sums, counts = _reference_baseline(history, 5, 7.0)
     assert baseline.counts.tolist() == pytest.approx(counts, rel=1e-12)
     assert baseline.baseline().tolist() == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-12)
@@ -69,8 +71,11 @@ def test_the_calibrated_signal_keeps_the_level_and_drops_the_timestep_lottery():
         raw.append(per_image.mean().item())
         calibrated.append(signal(per_image.mean(), per_image, timesteps).item())
     tail_raw, tail_cal = torch.tensor(raw[100:]), torch.tensor(calibrated[100:])
+    assert calibrated[0] == 1.0  # no baseline yet: neutral
     expected = 0.5 * (1 - math.exp(-3.0)) / 3.0  # the loss averaged over the timesteps
-    assert tail_cal.mean().item() == pytest.approx(expected, rel=0.03)
+    # the level relative to the start's (itself measured from the first few batches)
+    assert tail_cal.mean().item() == pytest.approx(expected / signal.baseline.reference, rel=0.03)
+    assert signal.baseline.reference == pytest.approx(expected, rel=0.2)
     assert (tail_cal.std() / tail_cal.mean()).item() < 0.5 * (tail_raw.std() / tail_raw.mean()).item()
     # the model gets 20 % better at every timestep: the calibrated signal drops by 20 % at once
     timesteps = torch.randint(0, 1000, (4,), generator=generator)
@@ -146,9 +151,8 @@ def test_the_optimizer_reads_the_calibrated_signal_and_raw_keeps_the_training_lo
     _trainer(tmp_path / "c", max_steps=6, callbacks=[recorder]).fit(
         module, DataLoader(Captioned(module.tokenizer), batch_size=2))
     assert recorder.fed == pytest.approx(recorder.logged, rel=1e-6)
-    # no baseline at the first step: the loss as it is; later the calibrated value
-    assert recorder.fed[0] == pytest.approx(recorder.losses[0], rel=1e-6)
-    assert any(abs(fed - loss) > 1e-4 * loss for fed, loss in zip(recorder.fed[1:], recorder.losses[1:]))
+    # no baseline at the first step: neutral; later the calibrated value
+    assert recorder.fed[0] == 1.0 and any(abs(fed - 1.0) > 1e-3 for fed in recorder.fed[1:])
     assert module.emotion_signal.baseline.counts.sum().item() > 0
 
     raw, raw_recorder = _module("raw"), Recorder()
