@@ -16,7 +16,8 @@ Stationarity (a): the LoRA at its initialisation (a no-op: nothing learns, as at
 passes only, ``--still-steps`` batches; each signal is replayed through a real ``EmoNavi``
 (``use_shadow=True``) on a dummy parameter, and we count the steps whose emotion scalar ``s``
 sits in the boost (``0.25 < |s| < 0.5``), brake (``|s| > 0.75``) and blend (``|s| > 0.625``)
-zones, and the step ``should_stop`` first fires. Also: each signal's coefficient of variation.
+zones, and the step ``should_stop`` first fires. Also: each signal's coefficient of variation,
+and ``batch1-*``: the same images fed one per step, as a batch size of 1 would.
 
 Tracking (b): a real Lightning fit (AdamW lr 5e-4, constant, so that no signal steers it; rank
 4, attention_ff) for
@@ -78,7 +79,8 @@ class Recording(SDLoRAModule):
 
 
 def make_module(stratified: bool, lr: float = 5e-4) -> Recording:
-    return Recording("builtin:mini", lora_rank=4, target_preset="attention_ff", optimizer=partial(torch.optim.AdamW, lr=lr),
+    return Recording("builtin:mini", lora_rank=4, target_preset="attention_ff",
+                     optimizer=partial(torch.optim.AdamW, lr=lr),
                      emotion_signal="raw", stratified_timesteps=stratified, cache_latents="memory", sample_size=32,
                      seed=0)
 
@@ -127,7 +129,8 @@ def replay_emotion(values: list[float]) -> dict[str, float]:
         if stop is None and snap.should_stop:
             stop = step
     s = np.array(scalars)
-    return {"boost": float(((s > 0.25) & (s < 0.5)).mean()), "boost_first100": float(((s[:100] > 0.25) & (s[:100] < 0.5)).mean()),
+    boost = (s > 0.25) & (s < 0.5)
+    return {"boost": float(boost.mean()), "boost_first100": float(boost[:100].mean()),
             "brake": float((s > 0.75).mean()),
             "blend": float(np.mean(blends)), "neutral": float((s <= 0.25).mean()), "should_stop_step": stop,
             "scalars": scalars}
@@ -284,6 +287,9 @@ def main(argv: Optional[list[str]] = None, emit: Callable[[str], None] = print) 
     still = signals(module, record)
     _, strat_record = still_record(root, args.still_steps, stratified=True)
     still.update(signals(module, strat_record, prefix="strat-"))
+    # the same images one per step, as with batch size 1 (the emotion then sees every draw)
+    singles = [(per[i:i + 1], t[i:i + 1], per[i].item()) for per, t, _ in record for i in range(len(per))]
+    still.update(signals(module, singles, prefix="batch1-"))
     per_image = torch.cat([per for per, _, _ in record])
     times = torch.cat([t for _, t, _ in record])
     results["loss_by_timestep"] = {"t<100": round(per_image[times < 100].mean().item(), 4),

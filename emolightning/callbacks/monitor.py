@@ -14,7 +14,8 @@ from typing_extensions import override
 from emolightning.callbacks.step import StepCallback
 from emolightning.run import RolledBack, StageChanged, StepRecord
 
-_SERIES = ("step", "loss", "train_loss", "scalar", "drive", "lr", "effective_lr", "blend", "should_stop", "stage", "rollbacks")
+_SERIES = ("step", "loss", "train_loss", "scalar", "drive", "lr", "effective_lr", "blend", "should_stop", "stage",
+           "rollbacks")
 
 
 class EmotionMonitor(StepCallback):

@@ -44,8 +44,8 @@ class PlateauContinuation(StepCallback):
     the training loss averaged over the last ``window`` steps (``monitor="train_loss"``), the
     same average of the loss the first Emo optimizer read (``monitor="emotion_loss"``: with
     SDLoRAModule's default ``emotion_signal="calibrated"``, a signal freed of the timestep
-    lottery, see docs/optimizers.md), or any logged metric such as a validation loss. Every decision is reduced across processes, so all
-    ranks change stage on the same step.
+    lottery, see docs/optimizers.md), or any logged metric such as a validation loss. Every
+    decision is reduced across processes, so all ranks change stage on the same step.
 
     Args:
         monitor: ``"should_stop"``, ``"train_loss"``, ``"emotion_loss"`` or the name of a

@@ -1,16 +1,16 @@
 """The loss signal the Emo optimizers' emotion reads in a diffusion run.
 
 A diffusion training loss is mostly decided by the timestep each image happens to draw, not by
-how far the model has learned: on a trained denoiser an image's error at timestep 50 is about
-twenty times its error at timestep 950. The Emo optimizers compare a short and a long running
+how far the model has learned: on a trained denoiser an image's error at a timestep below 100
+is more than a hundred times its error beyond 900. The Emo optimizers compare a short and a long running
 average of the loss they are fed; fed the batch loss, their emotion follows which timesteps the
 last few batches drew. ``"calibrated"`` feeds them instead each image's loss divided by the
 running mean loss of its timestep bin (:class:`TimestepBaseline`), averaged over the batch and
 multiplied by how the mean over all bins has moved since every bin first had a baseline: the
 loss the model has now, averaged over the timesteps, relative to the start (1.0 at the start,
-0.8 once it is 20 % lower), without the swing between batches that drew easy or hard timesteps. The optimizer's own arithmetic is
-unchanged; only what it is fed changes. docs/optimizers.md and docs/results.md (the
-measurements) say more.
+0.8 once it is 20 % lower), without the swing between batches that drew easy or hard
+timesteps. The optimizer's own arithmetic is unchanged; only what it is fed changes.
+docs/optimizers.md and docs/results.md (the measurements) say more.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class TimestepBaseline:
                              f"num_train_timesteps={num_train_timesteps}")
         if horizon < 1:
             raise ValueError(f"TimestepBaseline: horizon must be >= 1, got {horizon!r}")
-        self.num_train_timesteps, self.bins, self.horizon, self.min_count = num_train_timesteps, bins, horizon, min_count
+        self.num_train_timesteps, self.bins = num_train_timesteps, bins
+        self.horizon, self.min_count = horizon, min_count
         self.sums = torch.zeros(bins, dtype=torch.float64)
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.reference: Optional[float] = None

@@ -511,7 +511,7 @@ class SDLoRAModule(pl.LightningModule):
     def _feed_emotion(self, terms: DiffusionTerms, batch_size: int) -> None:
         """Hand the Emo optimizers this micro-batch's ``emotion_signal`` (``"raw"``: the training
         loss, which EmoLossFeed or the closure delivers) and log it."""
-        if self.emotion_signal.kind == "raw":
+        if self.emotion_signal.kind == "raw" or self._trainer is None:
             value = terms.loss.detach()
         else:
             value = self.emotion_signal(terms.loss, terms.per_image, terms.timesteps, reduce=self._sum_over_ranks)

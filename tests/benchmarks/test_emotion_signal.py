@@ -18,7 +18,7 @@ def test_the_quick_benchmark_reports_every_signal(tmp_path):
     results = benchmark.main(["--quick", "--json", str(tmp_path / "out.json")], emit=lines.append)
     assert json.loads((tmp_path / "out.json").read_text())["stationarity"] == results["stationarity"]
     names = {"raw", "snr5", "calibrated", "calibrated-20bins", "calibrated-h200", "relative",
-             "strat-raw", "strat-calibrated"}
+             "strat-raw", "strat-calibrated", "batch1-raw", "batch1-calibrated"}
     assert set(results["stationarity"]) == names
     assert {"raw", "calibrated", "strat-raw", "strat-calibrated"} <= set(results["tracking"])
     for shares in results["stationarity"].values():
