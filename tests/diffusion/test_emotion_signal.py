@@ -163,6 +163,18 @@ def test_the_optimizer_reads_the_calibrated_signal_and_raw_keeps_the_training_lo
 
 
 @pytest.mark.slow
+def test_with_gradient_accumulation_the_optimizer_reads_the_mean_of_the_micro_batches(tmp_path):
+    module, recorder = _module(), Recorder()
+    _trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[recorder]).fit(
+        module, DataLoader(Captioned(module.tokenizer), batch_size=2))
+    micro = recorder.logged  # one per micro-batch
+    for step in range(3):
+        assert recorder.fed[2 * step + 1] == pytest.approx((micro[2 * step] + micro[2 * step + 1]) / 2, rel=1e-6)
+    # every image of the 6 micro-batches counted, each micro-batch one decay step (horizon 50)
+    assert module.emotion_signal.baseline.counts.sum().item() == pytest.approx(2 * sum(0.98 ** k for k in range(6)))
+
+
+@pytest.mark.slow
 def test_a_resume_continues_the_signal_exactly(tmp_path):
     straight, straight_record = _module(), Recorder()
     _trainer(tmp_path / "s", max_epochs=2, callbacks=[straight_record]).fit(
