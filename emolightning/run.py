@@ -23,12 +23,30 @@ from torch import Tensor
 from emolightning.optim import EmotionalOptimizer, EmotionSnapshot
 
 __all__ = ["LoraWriter", "Output", "RolledBack", "RunEvents", "StageChanged", "StepRecord", "emo_optimizers",
-           "run_events", "undo_accumulation"]
+           "feed_emotion", "loss_readers", "run_events", "undo_accumulation"]
 
 
 def emo_optimizers(trainer: "pl.Trainer") -> list[EmotionalOptimizer]:
     """The Trainer's optimizers that carry an emotion (:class:`EmotionalOptimizer`)."""
     return [opt for opt in trainer.optimizers if isinstance(opt, EmotionalOptimizer)]
+
+
+def loss_readers(trainer: "pl.Trainer") -> list[Any]:
+    """What reads the training loss each step: the Emo optimizers, and LR schedulers with a
+    ``feed_loss`` method (:class:`~emolightning.optim.EmoPulseScheduler`)."""
+    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs
+                  if callable(getattr(config.scheduler, "feed_loss", None))]
+    return [*emo_optimizers(trainer), *schedulers]
+
+
+def feed_emotion(trainer: "pl.Trainer", value: Tensor) -> None:
+    """Feed ``value`` to the :func:`loss_readers` as this micro-batch's loss, in place of the
+    training loss: a LightningModule whose emotion should read another signal (SDLoRAModule's
+    ``emotion_signal``) calls it in ``training_step``, and
+    :class:`~emolightning.callbacks.EmoLossFeed` then feeds nothing for the micro-batch."""
+    for reader in loss_readers(trainer):
+        reader.feed_loss(value)
+    run_events(trainer).emotion_fed = True
 
 
 def undo_accumulation(trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> Tensor:
@@ -141,6 +159,13 @@ class RunEvents:
         self._last_step = -1
         self._pending: list[Tensor] = []
         self.outputs: list[Output] = []
+        self.emotion_fed = False  # the module fed the current micro-batch's loss (feed_emotion)
+
+    def take_emotion_fed(self) -> bool:
+        """Whether the LightningModule fed the current micro-batch's emotion signal itself
+        (:func:`feed_emotion`); clears the mark."""
+        fed, self.emotion_fed = self.emotion_fed, False
+        return fed
 
     # ------------------------------------------------------------------------ step records
     def join(self, participant: Any) -> None:

@@ -33,7 +33,8 @@ EXTRA = {"emolightning.diffusion.tiny": ["build_tiny_sd", "build_tiny_sdxl", "ra
          "emolightning.diffusion.single_file": ["detect_family", "load_single_file"],
          "emolightning.diffusion.sgm_names": ["unet_path_to_sgm", "kohya_unet_name"],
          "emolightning.diffusion.adapters": ["AdapterSpec", "adapter_spec"],
-         "emolightning.diffusion.lora_files": ["readers"]}
+         "emolightning.diffusion.lora_files": ["readers"],
+         "emolightning.diffusion.emotion_signal": ["EmotionSignal", "TimestepBaseline", "DiffusionTerms"]}
 SECTIONS = ("Args", "Arguments", "Attributes", "Returns", "Raises", "Example", "Examples", "Note", "Notes")
 LISTS = ("Args", "Arguments", "Attributes")  # sections whose entries are "name: text"
 # Lightning calls these hooks itself; a user never does, so they are not listed as methods

@@ -10,7 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from emolightning._distributed import release_gloo_group_at_exit
-from emolightning.run import emo_optimizers, undo_accumulation
+from emolightning.run import loss_readers, run_events, undo_accumulation
 
 
 class EmoLossFeed(Callback):
@@ -31,6 +31,10 @@ class EmoLossFeed(Callback):
     method (:class:`~emolightning.optim.EmoPulseScheduler`) are fed too. With any other
     optimizer this callback does nothing to the losses.
 
+    A LightningModule may feed the emotion another signal than the training loss
+    (:func:`emolightning.run.feed_emotion`; :class:`~emolightning.SDLoRAModule` does, with its
+    ``emotion_signal``): for those micro-batches this callback feeds nothing.
+
     In a CPU (gloo) DDP run it also cleans up when each process exits: it frees the DDP wrapper
     (left in a reference cycle, it is otherwise freed during the interpreter's teardown, which
     now and then aborts a finished worker) and destroys the process group, as Lightning does
@@ -48,9 +52,10 @@ class EmoLossFeed(Callback):
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
+        if run_events(trainer).take_emotion_fed():  # the module fed its own signal
+            return
         # the Emo optimizers, and schedulers that read the loss (EmoPulseScheduler)
-        optimizers = [*emo_optimizers(trainer), *(config.scheduler for config in trainer.lr_scheduler_configs
-                                                  if callable(getattr(config.scheduler, "feed_loss", None)))]
+        optimizers = loss_readers(trainer)
         if not optimizers:
             return
         value = loss.detach()

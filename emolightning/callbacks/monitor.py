@@ -14,21 +14,24 @@ from typing_extensions import override
 from emolightning.callbacks.step import StepCallback
 from emolightning.run import RolledBack, StageChanged, StepRecord
 
-_SERIES = ("step", "loss", "scalar", "drive", "lr", "effective_lr", "blend", "should_stop", "stage", "rollbacks")
+_SERIES = ("step", "loss", "train_loss", "scalar", "drive", "lr", "effective_lr", "blend", "should_stop", "stage",
+           "rollbacks")
 
 
 class EmotionMonitor(StepCallback):
     """Log what the Emo optimizers feel, every optimizer step, and plot it at the end of fit.
 
     Logged (per optimizer ``i``; ``emotion/`` for the first, ``emotion_i/`` for others):
-    ``loss`` (the loss the optimizer used), ``scalar``, ``drive`` (emoDrive), ``lr`` and
+    ``loss`` (the loss the optimizer used: the training loss, or the signal the LightningModule
+    fed it instead, such as SDLoRAModule's calibrated ``emotion_signal``), ``scalar``, ``drive`` (emoDrive), ``lr`` and
     ``effective_lr`` (``lr * drive``) of the first param group, ``blend_ratio`` (the shadow blend
     weight, 0 when no blend), ``should_stop`` and any family-specific numbers the optimizer
     reports (:attr:`EmotionSnapshot.extras`, e.g. the EmoSens family's emoPulse), all as they
     were right after the step; plus ``plateau/stage`` and ``shadow/rollbacks`` when a callback
     in the Trainer announces stage changes or rollbacks (:class:`PlateauContinuation`,
     :class:`ShadowCheckpoint`), counted after the step's decisions. At the end of fit it writes
-    ``emotion.png`` beside the logs: loss, scalar and drive, and LR over the steps, with stage
+    ``emotion.png`` beside the logs: the training loss and, when it differs, the signal the
+    optimizer read (on its own axis), scalar and drive, and LR over the steps, with stage
     changes and rollbacks marked. With other optimizers it logs the LR and the training loss
     only.
 
@@ -78,7 +81,8 @@ class EmotionMonitor(StepCallback):
 
     def _row(self, trainer: "pl.Trainer", record: StepRecord) -> dict[str, float]:
         local_loss = math.nan if record.loss is None else record.loss.item()
-        row = {"step": float(record.step), "stage": float(self._stage), "rollbacks": float(self._rollbacks)}
+        row = {"step": float(record.step), "stage": float(self._stage), "rollbacks": float(self._rollbacks),
+               "train_loss": local_loss}
         if record.snapshots:
             snap = record.snapshots[0]
             row.update(loss=local_loss if snap.loss is None else snap.loss, scalar=snap.scalar, drive=snap.drive,
@@ -134,8 +138,15 @@ class EmotionMonitor(StepCallback):
         h = self.history
         steps = h["step"]
         figure, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
-        axes[0].plot(steps, h["loss"], color="tab:blue", linewidth=1)
-        axes[0].set_ylabel("loss")
+        axes[0].plot(steps, h["train_loss"], color="tab:blue", linewidth=1, label="training loss")
+        axes[0].set_ylabel("training loss")
+        fed = [a for a, b in zip(h["loss"], h["train_loss"]) if not (math.isnan(a) or a == b)]
+        if fed:  # the optimizer read another signal than the training loss (e.g. a calibrated one)
+            twin = axes[0].twinx()
+            twin.plot(steps, h["loss"], color="tab:red", linewidth=1, alpha=0.8, label="emotion signal")
+            twin.set_ylabel("emotion signal (what the optimizer read)")
+            lines = axes[0].get_lines() + twin.get_lines()
+            twin.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
         axes[1].plot(steps, h["scalar"], color="tab:purple", linewidth=1, label="emotion scalar")
         axes[1].plot(steps, h["drive"], color="tab:orange", linewidth=1, label="emoDrive")
         axes[1].axhline(0.0, color="grey", linewidth=0.5)
@@ -172,6 +183,9 @@ class EmotionMonitor(StepCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {key: list(state_dict["history"].get(key, [])) for key in _SERIES}
+        saved = state_dict["history"]
+        length = len(saved.get("step", []))
+        # a series that an older version did not record is NaN over the saved steps
+        self.history = {key: list(saved.get(key, [math.nan] * length)) for key in _SERIES}
         self._stage = int(self.history["stage"][-1]) if self.history["stage"] else 0
         self._rollbacks = int(self.history["rollbacks"][-1]) if self.history["rollbacks"] else 0

@@ -21,6 +21,7 @@ from emolightning.run import LoraWriter, StageChanged, StepRecord, emo_optimizer
 
 SHOULD_STOP = "should_stop"
 TRAIN_LOSS = "train_loss"
+EMOTION_LOSS = "emotion_loss"
 
 
 class PlateauContinuation(StepCallback):
@@ -40,20 +41,23 @@ class PlateauContinuation(StepCallback):
 
     A plateau is either the Emo optimizers' ``should_stop`` signal (``monitor="should_stop"``),
     or no relative improvement of at least ``min_delta`` in ``patience`` checks of a value:
-    the training loss averaged over the last ``window`` steps (``monitor="train_loss"``) or any
-    logged metric such as a validation loss. Every decision is reduced across processes, so all
-    ranks change stage on the same step. A logged metric counts once per new value: a check that
-    finds the value the last check judged, with no validation run in between (a validation
-    metric between two validations, e.g. ``val/concept`` when validation runs every N steps),
-    is skipped rather than counted against the patience.
+    the training loss averaged over the last ``window`` steps (``monitor="train_loss"``), the
+    same average of the loss the first Emo optimizer read (``monitor="emotion_loss"``: with
+    SDLoRAModule's default ``emotion_signal="calibrated"``, a signal freed of the timestep
+    lottery, see docs/optimizers.md), or any logged metric such as a validation loss. Every
+    decision is reduced across processes, so all ranks change stage on the same step. A logged
+    metric counts once per new value: a check that finds the value the last check judged, with
+    no validation run in between (a validation metric between two validations, e.g.
+    ``val/concept`` when validation runs every N steps), is skipped rather than counted against
+    the patience.
 
     Args:
-        monitor: ``"should_stop"``, ``"train_loss"`` or the name of a logged metric (e.g.
-            ``"val_loss"``, or ``"val/concept"`` with ``mode="max"``).
+        monitor: ``"should_stop"``, ``"train_loss"``, ``"emotion_loss"`` or the name of a
+            logged metric (e.g. ``"val_loss"``, or ``"val/concept"`` with ``mode="max"``).
         mode: ``"min"`` or ``"max"`` for a monitored value.
         patience: checks without enough improvement before a plateau is declared.
         min_delta: relative improvement that counts (0.01 = 1 %).
-        window: optimizer steps averaged for ``"train_loss"``.
+        window: optimizer steps averaged for ``"train_loss"`` and ``"emotion_loss"``.
         check_every_n_steps: check after every N optimizer steps; ``None`` checks at the end of
             each training epoch (after validation, so validation metrics are fresh).
         lr_factor: each new stage multiplies every group's LR by this.
@@ -127,6 +131,7 @@ class PlateauContinuation(StepCallback):
         self.wait = 0
         self.cooldown_left = 0
         self.losses: deque[float] = deque(maxlen=self.window)
+        self.emotion_losses: deque[float] = deque(maxlen=self.window)
         self.stages: list[dict[str, Any]] = []
         self.stop_reason: Optional[str] = None
         self.lrs_now: Optional[list[list[float]]] = None
@@ -145,9 +150,9 @@ class PlateauContinuation(StepCallback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.monitor == SHOULD_STOP and not emo_optimizers(trainer):
+        if self.monitor in (SHOULD_STOP, EMOTION_LOSS) and not emo_optimizers(trainer):
             raise ValueError(
-                "PlateauContinuation(monitor='should_stop') needs an Emo optimizer (EmoNavi, EmoFact, "
+                f"PlateauContinuation(monitor='{self.monitor}') needs an Emo optimizer (EmoNavi, EmoFact, "
                 "EmoLynx or EmoClan); with another optimizer use monitor='train_loss' or a logged metric.")
 
     @override
@@ -178,6 +183,8 @@ class PlateauContinuation(StepCallback):
     def on_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", record: StepRecord) -> None:
         if record.loss is not None:
             self.losses.append(record.loss.item())
+        if record.snapshots and record.snapshots[0].loss is not None:
+            self.emotion_losses.append(record.snapshots[0].loss)
         step = record.step
         if self.check_every_n_steps is not None and step > 0 and step % self.check_every_n_steps == 0:
             self._check(trainer, pl_module, record.snapshots)
@@ -256,6 +263,8 @@ class PlateauContinuation(StepCallback):
         else:
             if self.monitor == TRAIN_LOSS:
                 value = train_loss
+            elif self.monitor == EMOTION_LOSS:  # the same on every rank: the optimizers read the rank mean
+                value = sum(self.emotion_losses) / len(self.emotion_losses) if self.emotion_losses else None
             else:
                 metric = trainer.callback_metrics.get(self.monitor)
                 value = None if metric is None else self._rank_mean(trainer, metric.detach())
@@ -315,6 +324,7 @@ class PlateauContinuation(StepCallback):
         self.stage_start_step = step
         self.best, self.wait, self.cooldown_left = None, 0, self.cooldown
         self.losses.clear()
+        self.emotion_losses.clear()
         self.lrs_now = group_lrs(trainer)
         self.stages.append(self._stage_record(trainer, self.stage))
         self._log(trainer, step)
@@ -365,6 +375,7 @@ class PlateauContinuation(StepCallback):
         return {
             "stage": self.stage, "stage_start_step": self.stage_start_step, "best": self.best,
             "wait": self.wait, "cooldown_left": self.cooldown_left, "losses": list(self.losses),
+            "emotion_losses": list(self.emotion_losses),
             "stages": self.stages, "stop_reason": self.stop_reason, "lrs_now": self.lrs_now,
         }
 
@@ -376,6 +387,7 @@ class PlateauContinuation(StepCallback):
         self.wait = int(state_dict["wait"])
         self.cooldown_left = int(state_dict["cooldown_left"])
         self.losses = deque(state_dict["losses"], maxlen=self.window)
+        self.emotion_losses = deque(state_dict.get("emotion_losses", []), maxlen=self.window)
         self.stages = [dict(record) for record in state_dict["stages"]]
         self.stop_reason = state_dict["stop_reason"]
         self.lrs_now = state_dict["lrs_now"]

@@ -36,6 +36,7 @@ from emolightning.batch import (
 from emolightning.diffusion.adapters import (add_adapter, adapter_spec, full_kronecker_layers,
                                             lycoris_unloadable_layers)
 from emolightning.diffusion.conditioning import TextEmbeddingCache, sdxl_text_embeddings
+from emolightning.diffusion.emotion_signal import DiffusionTerms, EmotionSignal, check_emotion_signal
 from emolightning.diffusion.export import kohya_metadata
 from emolightning.diffusion.latent_cache import LatentCache, vae_fingerprint
 from emolightning.diffusion.lora_files import (FORMATS, check_format, readers, training_metadata,
@@ -57,7 +58,7 @@ from emolightning.diffusion.concept import CONCEPT_METRICS, CONCEPT_PROMPTS
 from emolightning.diffusion.sampling import (adapters_disabled, build_pipeline, generate_images, sampling_mode,
                                              save_image_grid)
 from emolightning.optim import EmoNavi
-from emolightning.run import run_events
+from emolightning.run import feed_emotion, run_events
 
 DEFAULT_LR = 6e-5
 """The default optimizer's learning rate: the EmoNavi author's recommendation for LoRA."""
@@ -120,6 +121,15 @@ class SDLoRAModule(pl.LightningModule):
         lr_scheduler: optional; builds a scheduler stepped every optimizer step.
         noise_offset: offset-noise strength (0.05-0.1 is typical).
         min_timestep, max_timestep: the range timesteps are drawn from.
+        stratified_timesteps: draw each batch's timesteps from equal strata of that range (each
+            image's timestep stays uniform; the batch always spans it).
+        emotion_signal: what the Emo optimizers' emotion reads each step: ``"calibrated"`` (the
+            default), each image's loss divided by the running mean loss of its timestep bin,
+            averaged over the batch, so that the emotion follows learning rather than which
+            timesteps the batch drew; or ``"raw"``, the batch's training loss (the optimizers'
+            reference behaviour). The gradient always comes from the training loss. Logged as
+            ``train/emotion_signal`` next to ``train_loss``; see
+            :mod:`emolightning.diffusion.emotion_signal`.
         snr_gamma: min-SNR-gamma weighting (5.0 is typical); ``None`` for plain MSE.
         zero_terminal_snr: rescale the schedule to reach pure noise (use with v-prediction).
         gradient_checkpointing: trade compute for memory in the UNet (and in the text encoders
@@ -206,6 +216,8 @@ class SDLoRAModule(pl.LightningModule):
         noise_offset: float = 0.0,
         min_timestep: int = 0,
         max_timestep: Optional[int] = None,
+        stratified_timesteps: bool = False,
+        emotion_signal: str = "calibrated",
         snr_gamma: Optional[float] = None,
         zero_terminal_snr: bool = False,
         gradient_checkpointing: bool = False,
@@ -238,6 +250,7 @@ class SDLoRAModule(pl.LightningModule):
             raise ValueError(f"model.export_formats: unknown format(s) {sorted(unknown)}; use 'kohya' and/or 'diffusers'")
         for file_format in export_formats or []:
             check_format(adapter, file_format, text_encoders=train_text_encoder, option="model.export_formats")
+        check_emotion_signal(emotion_signal)
         if cache_latents not in ("none", "memory", "disk"):
             raise ValueError(f"model.cache_latents must be 'none', 'memory' or 'disk', got {cache_latents!r}")
         if target_preset not in TARGET_PRESETS:
@@ -289,6 +302,7 @@ class SDLoRAModule(pl.LightningModule):
         self.text_cache: Optional[TextEmbeddingCache] = TextEmbeddingCache() if cache_text_embeddings else None
         self.noise_scheduler = training_scheduler(parts.scheduler_config, prediction_type=prediction_type,
                                                   zero_terminal_snr=zero_terminal_snr)
+        self.emotion_signal = EmotionSignal(emotion_signal, self.noise_scheduler.config.num_train_timesteps)
         self.generator = torch.Generator().manual_seed(seed)
         self.extra_lora_metadata: dict[str, Any] = {}
         self.val_loss = DenoisingLoss()
@@ -490,6 +504,12 @@ class SDLoRAModule(pl.LightningModule):
                        noise: Optional[Tensor] = None) -> Tensor:
         """The loss of one batch (mask-weighted with the batch's ``loss_mask``);
         ``timesteps``/``noise`` fixed for evaluation, drawn otherwise."""
+        return self.diffusion_terms(batch, timesteps, noise).loss
+
+    def diffusion_terms(self, batch: Batch, timesteps: Optional[Tensor] = None,
+                        noise: Optional[Tensor] = None) -> DiffusionTerms:
+        """:meth:`diffusion_step`'s loss, with each image's (detached) share of it and the
+        timesteps drawn: what the emotion signal is made of."""
         latents, mask = self._latents(batch)
         latents = latents.float()
         if noise is None:
@@ -497,7 +517,8 @@ class SDLoRAModule(pl.LightningModule):
         if timesteps is None:
             timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps,
                                          min_timestep=self.hparams.min_timestep,
-                                         max_timestep=self.hparams.max_timestep, generator=self.generator)
+                                         max_timestep=self.hparams.max_timestep, generator=self.generator,
+                                         stratified=self.hparams.stratified_timesteps)
         timesteps = timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = training_target(self.noise_scheduler, latents, noise, timesteps)
@@ -506,12 +527,30 @@ class SDLoRAModule(pl.LightningModule):
         if self.hparams.snr_gamma is not None:
             weights = min_snr_weights(snr(self.noise_scheduler, timesteps), self.hparams.snr_gamma,
                                       self.noise_scheduler.config.prediction_type)
-        return diffusion_loss(prediction, target, weights, mask)
+        loss = diffusion_loss(prediction, target, weights, mask)
+        with torch.no_grad():
+            per_image = per_image_error(prediction.detach(), target, mask)
+        return DiffusionTerms(loss, per_image if weights is None else per_image * weights.to(per_image), timesteps)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss = self.diffusion_step(batch)
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch[INPUT_IDS].shape[0])
-        return loss
+        terms = self.diffusion_terms(batch)
+        size = batch[INPUT_IDS].shape[0]
+        self.log("train_loss", terms.loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self._feed_emotion(terms, size)
+        return terms.loss
+
+    def _feed_emotion(self, terms: DiffusionTerms, batch_size: int) -> None:
+        """Hand the Emo optimizers this micro-batch's ``emotion_signal`` (``"raw"``: the training
+        loss, which EmoLossFeed or the closure delivers) and log it."""
+        if self.emotion_signal.kind == "raw" or self._trainer is None:
+            value = terms.loss.detach()
+        else:
+            value = self.emotion_signal(terms.loss, terms.per_image, terms.timesteps, reduce=self._sum_over_ranks)
+            feed_emotion(self.trainer, value)
+        self.log("train/emotion_signal", value.float(), sync_dist=True, batch_size=batch_size)
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum")
 
     # ---------------------------------------------------------------------- validation
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -693,12 +732,15 @@ class SDLoRAModule(pl.LightningModule):
         state = self.generator.get_state()
         states = self.all_gather(state.to(self.device)).cpu() if self.trainer.world_size > 1 else state[None]
         checkpoint["emolightning_generators"] = [rank_state.clone() for rank_state in states.unbind()]
+        checkpoint["emolightning_emotion_signal"] = self.emotion_signal.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("emolightning_generators")
         if states is None and checkpoint.get("emolightning_generator") is not None:  # saved by an older version
             states = [checkpoint["emolightning_generator"]]
         self._restored_generators = states
+        if checkpoint.get("emolightning_emotion_signal") is not None:
+            self.emotion_signal.load_state_dict(checkpoint["emolightning_emotion_signal"])
 
     # --------------------------------------------------------------------------- export
     def export_lora(self, path: Union[str, Path], weights: Optional[dict[str, Tensor]] = None,

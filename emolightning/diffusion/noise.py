@@ -44,14 +44,25 @@ def training_scheduler(config: dict, *, prediction_type: Optional[str] = None,
 
 def sample_timesteps(batch_size: int, num_train_timesteps: int, *, min_timestep: int = 0,
                      max_timestep: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                     device: Optional[torch.device] = None) -> Tensor:
-    """Uniform integer timesteps in ``[min_timestep, max_timestep)`` (default: all of them)."""
+                     device: Optional[torch.device] = None, stratified: bool = False) -> Tensor:
+    """Uniform integer timesteps in ``[min_timestep, max_timestep)`` (default: all of them).
+
+    With ``stratified`` the range is cut into ``batch_size`` equal strata and image ``i`` draws
+    uniformly from stratum ``i``: each image's timestep is still uniform over the range, but a
+    batch always covers low, middle and high timesteps, so its mean loss varies less.
+    """
     upper = num_train_timesteps if max_timestep is None else max_timestep
     if not 0 <= min_timestep < upper <= num_train_timesteps:
         raise ValueError(f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps}, "
                          f"got min_timestep={min_timestep}, max_timestep={max_timestep}")
-    timesteps = torch.randint(min_timestep, upper, (batch_size,), generator=generator,
-                              device=generator.device if generator is not None else device)
+    where = generator.device if generator is not None else device
+    if stratified:
+        position = torch.arange(batch_size, device=where, dtype=torch.float64)
+        offset = torch.rand(batch_size, generator=generator, device=where, dtype=torch.float64)
+        timesteps = (min_timestep + (position + offset) * ((upper - min_timestep) / batch_size)).floor().long()
+        timesteps = timesteps.clamp(min_timestep, upper - 1)
+    else:
+        timesteps = torch.randint(min_timestep, upper, (batch_size,), generator=generator, device=where)
     return timesteps.to(device) if device is not None else timesteps
 
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed, EmotionMonitor, PlateauContinuation, ShadowCheckpoint
 from emolightning.optim import EmoLynx, EmoSens
+from emolightning.run import feed_emotion
 
 
 class Model(pl.LightningModule):
@@ -158,3 +159,27 @@ def test_with_gradient_accumulation_only_optimizer_steps_count(tmp_path):
     # each window's loss is the mean of its two micro-batches
     pairs = [(losses.losses[i] + losses.losses[i + 1]) / 2 for i in range(0, 8, 2)]
     assert list(plateau.losses) == pytest.approx(pairs, rel=1e-6)
+
+
+class FedSignal(Model):
+    """Feeds the optimizer a signal of its own (here the loss's square root) instead of the loss."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        feed_emotion(self.trainer, loss.detach().sqrt())
+        return loss
+
+
+def test_a_fed_signal_is_recorded_and_plotted_beside_the_training_loss(tmp_path):
+    monitor = EmotionMonitor()
+    _fit(tmp_path, None, [monitor], module=FedSignal(), epochs=1)
+    history = monitor.history
+    assert len(history["train_loss"]) == len(history["loss"]) == 8
+    assert history["loss"] == pytest.approx([v ** 0.5 for v in history["train_loss"]], rel=1e-6)
+    _assert_png(monitor.plot_path)
+    # a checkpoint of an older version, without the training-loss series, still plots
+    old = {key: values for key, values in history.items() if key != "train_loss"}
+    restored = EmotionMonitor()
+    restored.load_state_dict({"history": old})
+    assert len(restored.history["train_loss"]) == 8
+    _assert_png(restored.write_plot(tmp_path / "old.png"))

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed, PlateauContinuation, ShadowCheckpoint
 from emolightning.optim import EmoNavi, EmoPulseScheduler, EmoSens
+from emolightning.run import feed_emotion
 
 LR = 5e-2
 SCOPE = 8.0  # emoScope for the EmoSens family: emoPulse from 8e-4 up to 2.4e-2
@@ -294,3 +295,25 @@ def test_a_finished_run_resumed_from_its_last_checkpoint_stops_at_once(tmp_path,
     assert trainer.global_step == finished_at  # not one step more
     assert again.stop_reason == first.stop_reason
     assert "already finished" in caplog.text and first.stop_reason in caplog.text
+
+
+class FlatSignal(NoisyRegression):
+    """Learns (its training loss falls) but feeds the optimizers a flat signal of its own."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        feed_emotion(self.trainer, torch.tensor(1.0))
+        return loss
+
+
+def test_emotion_loss_judges_what_the_optimizer_read(tmp_path):
+    by_signal, by_loss = _plateau(monitor="emotion_loss", max_stages=1), _plateau(max_stages=1)
+    _trainer(tmp_path / "signal", [by_signal]).fit(FlatSignal(), _loader())
+    _trainer(tmp_path / "loss", [by_loss]).fit(FlatSignal(), _loader())
+    # the flat signal: best at the first check (step 4), two checks without improvement
+    assert by_signal.stages[1]["start_step"] == 12
+    assert by_loss.stages[1]["start_step"] > 12  # the falling training loss kept improving
+    assert list(by_signal.state_dict()["emotion_losses"]) == [1.0] * len(by_signal.emotion_losses)
+    with pytest.raises(ValueError, match="monitor='emotion_loss'.*needs an Emo optimizer"):
+        _trainer(tmp_path / "adamw", [_plateau(monitor="emotion_loss")], max_epochs=1).fit(
+            NoisyRegression("adamw"), _loader())
