@@ -76,12 +76,14 @@ def plateau_continuation(run_dir: Path, total_steps: int) -> Any:
                                max_stages=3, dirpath=run_dir / "stages", save_stage_checkpoints=False)
 
 
-def shadow_checkpoint(run_dir: Path, total_steps: int, every: int) -> Any:
-    """ShadowCheckpoint keeping its own shadow (decay 0.99: the default 0.999 would still be
-    82 % the untrained LoRA after 200 steps) and saving it every probe."""
+def shadow_checkpoint(run_dir: Path, total_steps: int, every: int, spike_factor: Optional[float] = 3.0) -> Any:
+    """ShadowCheckpoint saving the shadow every probe and at the end: the optimizer's shadow when
+    it keeps one, else its own (decay 0.99: the default 0.999 would still be 82 % the untrained
+    LoRA after 200 steps); rollbacks on loss spikes as by default unless ``spike_factor=None``."""
     from emolightning.callbacks import ShadowCheckpoint
 
-    return ShadowCheckpoint(decay=0.99, save_every_n_steps=every, keep_last=1000, dirpath=run_dir / "shadow")
+    return ShadowCheckpoint(decay=0.99, save_every_n_steps=every, keep_last=1000, dirpath=run_dir / "shadow",
+                            spike_factor=spike_factor)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ def _arms() -> dict[str, Arm]:
                         group="PlateauContinuation", note=f"{cls.__name__}, swept LR, PlateauContinuation"))
     arms += [
         Arm("emonavi-tuned-shadow", EmoNavi, dict(lr=tuned["emonavi"], use_shadow=True), shadow="optimizer",
-            group="shadow", note="EmoNavi use_shadow=True; the probe also scores its shadow"),
+            callbacks=(partial(shadow_checkpoint, every=EVERY, spike_factor=None),), group="shadow",
+            note="EmoNavi use_shadow=True; its shadow scored, and exported by ShadowCheckpoint (no rollbacks)"),
         Arm("emonavi-tuned-shadowckpt", EmoNavi, dict(lr=tuned["emonavi"]), callbacks=(
             partial(shadow_checkpoint, every=EVERY),), shadow="callback", group="shadow",
             note="EmoNavi + ShadowCheckpoint(decay 0.99); its files scored"),
@@ -424,8 +427,15 @@ def run_arm(job: tuple[str, int, int]) -> dict[str, Any]:
                          callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=run_dir, **arm.trainer_kwargs)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    error = None
+    try:
+        trainer.fit(module, datamodule=data)
+    except Exception as exc:  # e.g. ShadowCheckpoint's max_rollbacks: recorded, the study goes on
+        error = f"{type(exc).__name__}: {exc}"
+        if not probe.probes or probe.probes[-1]["step"] != trainer.global_step:
+            probe.probe(trainer, module)
     record: dict[str, Any] = {"arm": name, "seed": seed, "steps": steps, "trained_steps": trainer.global_step,
+                              "error": error,
                               "train_s": round(probe.training_seconds, 1), "probe_s": round(probe.sampling_seconds, 1),
                               "wall_s": round(time.perf_counter() - started, 1), "probes": probe.probes,
                               "emotion": probe.emotion if probe.emotion["steps"] else None, "pulse": probe.pulse}
@@ -434,22 +444,29 @@ def run_arm(job: tuple[str, int, int]) -> dict[str, Any]:
         record["stages"] = [{k: s.get(k) for k in ("stage", "start_step", "end_step", "lrs", "loss_in", "loss_out")}
                             for s in plateau.stages]
         record["stop_reason"] = plateau.stop_reason
-    if arm.shadow == "callback":
+    shadow_callback = next((cb for cb in callbacks if type(cb).__name__ == "ShadowCheckpoint"), None)
+    if shadow_callback is not None:
+        record["rollbacks"] = [{k: v for k, v in r.items() if isinstance(v, (int, float, str))}
+                               for r in shadow_callback.rollbacks]
         files = sorted((run_dir / "shadow").glob("shadow-last*.safetensors"))
         if files:
             record["shadow_file"] = {"file": files[-1].name, **_score_file(files[-1], module)}
-    grid = probe.last_images[:len(_WORKER["evaluator"].prompts)]
-    if grid:
-        from PIL import Image
-
-        strip = Image.new("RGB", (32 * len(grid), 32))
-        for i, image in enumerate(grid):
-            strip.paste(image, (32 * i, 0))
-        strip.save(run_dir / "final.png")
+    _save_strip(probe.last_images[:len(_WORKER["evaluator"].prompts)], run_dir / "final.png")
     path = Path(settings.out) / "runs" / f"{name}__seed{seed}.json"
     path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     path.with_suffix(".tmp").rename(path)
     return record
+
+
+def _save_strip(images: list[Any], path: Path) -> None:
+    """The pictures of one seed side by side (the prompts in order)."""
+    from PIL import Image
+
+    if images:
+        strip = Image.new("RGB", (32 * len(images), 32))
+        for i, image in enumerate(images):
+            strip.paste(image, (32 * i, 0))
+        strip.save(path)
 
 
 def base_probe(_: Any = None) -> dict[str, Any]:
@@ -459,6 +476,7 @@ def base_probe(_: Any = None) -> dict[str, Any]:
     module = SDLoRAModule("builtin:mini", lora_rank=4, target_preset="attention_ff", sample_size=32, seed=0)
     module.setup("fit")
     scores, images = _WORKER["evaluator"].module_scores(module)
+    _save_strip(images[:len(_WORKER["evaluator"].prompts)], Path(_WORKER["settings"].out) / "base.png")
     record = {"step": 0, "lr": None, "train_s": 0.0, **scores}
     (Path(_WORKER["settings"].out) / "base.json").write_text(json.dumps(record))
     return record
@@ -534,6 +552,18 @@ def report(out: Path, plots: Optional[Path], order: list[str]) -> str:
                  ("star_presence", "unseen_agreement", "base_agreement", "base_presence", "val_star", "val_base")]
         lines.append(f"| {name} | {len(records)} | {steps_text} | " + " | ".join(cells) +
                      f" | {statistics.mean(r['train_s'] for r in records):.0f} |")
+    notes = []
+    for name in names:
+        for r in runs[name]:
+            if r.get("error"):
+                notes.append(f"- {name} seed {r['seed']}: stopped at step {r['trained_steps']} by {r['error']}")
+            if r.get("rollbacks"):
+                notes.append(f"- {name} seed {r['seed']}: ShadowCheckpoint rolled back at steps "
+                             f"{', '.join(str(b['step']) for b in r['rollbacks'])}")
+            if r.get("stop_reason"):
+                notes.append(f"- {name} seed {r['seed']}: PlateauContinuation stopped training: {r['stop_reason']}")
+    if notes:
+        lines += ["", *notes]
     shadow_rows = []
     for name in names:
         records = runs[name]
@@ -579,11 +609,11 @@ def report(out: Path, plots: Optional[Path], order: list[str]) -> str:
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     if plots is not None:
-        plot(runs, base, names, plots)
+        plot(out, runs, base, names, plots)
     return text
 
 
-def plot(runs: dict[str, list[dict]], base: Optional[dict], names: list[str], folder: Path) -> None:
+def plot(out: Path, runs: dict[str, list[dict]], base: Optional[dict], names: list[str], folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -624,6 +654,31 @@ def plot(runs: dict[str, list[dict]], base: Optional[dict], names: list[str], fo
                 axis.set_xlabel("step", fontsize=8)
     figure.tight_layout()
     figure.savefig(folder / "training-quality-curves.png", dpi=90)
+    plt.close(figure)
+    samples(out, names, folder)
+
+
+def samples(out: Path, names: list[str], folder: Path) -> None:
+    """The final pictures of every arm's first seed, one row per arm, the base on top."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    rows = [("base (step 0)", out / "base.png")] + [
+        (name, min((out / "runs").glob(f"{name}__seed*/final.png"), default=None)) for name in names]
+    rows = [(label, path) for label, path in rows if path is not None and path.exists()]
+    if not rows:
+        return
+    figure, axes = plt.subplots(len(rows), 1, figsize=(7.5, 0.55 * len(rows) + 0.4), squeeze=False)
+    for axis, (label, path) in zip(axes[:, 0], rows):
+        axis.imshow(np.asarray(Image.open(path)), interpolation="nearest")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    axes[0, 0].set_title("seen trigger prompts (3) | unseen trigger prompts (3) | base prompts (4); final step, "
+                         "first seed", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "training-quality-samples.png", dpi=110)
     plt.close(figure)
 
 
