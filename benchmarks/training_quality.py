@@ -157,6 +157,9 @@ def _arms() -> dict[str, Arm]:
         Arm("emonavi-tuned-shadowckpt", EmoNavi, dict(lr=tuned["emonavi"]), callbacks=(
             partial(shadow_checkpoint, every=EVERY),), shadow="callback", group="shadow",
             note="EmoNavi + ShadowCheckpoint(decay 0.99); its files scored"),
+        Arm("emonavi-tuned-shadowckpt-norollback", EmoNavi, dict(lr=tuned["emonavi"]), callbacks=(
+            partial(shadow_checkpoint, every=EVERY, spike_factor=None),), shadow="callback", group="shadow",
+            note="the same with rollbacks off (spike_factor=None)"),
         Arm("emonavi-tuned-long", EmoNavi, dict(lr=tuned["emonavi"]), steps_factor=3, group="long",
             note="EmoNavi, swept LR, constant, 3x the budget"),
     ]
