@@ -658,7 +658,7 @@ def plot(out: Path, runs: dict[str, list[dict]], base: Optional[dict], names: li
             if row == len(keys) - 1:
                 axis.set_xlabel("step", fontsize=8)
     figure.tight_layout()
-    figure.savefig(folder / "training-quality-curves.png", dpi=90)
+    figure.savefig(folder / "training-quality-curves.png", dpi=72)
     plt.close(figure)
     samples(out, names, folder)
 
@@ -683,7 +683,7 @@ def samples(out: Path, names: list[str], folder: Path) -> None:
     axes[0, 0].set_title("seen trigger prompts (3) | unseen trigger prompts (3) | base prompts (4); final step, "
                          "first seed", fontsize=7)
     figure.tight_layout()
-    figure.savefig(folder / "training-quality-samples.png", dpi=110)
+    figure.savefig(folder / "training-quality-samples.png", dpi=90)
     plt.close(figure)
 
 
