@@ -42,7 +42,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -170,6 +170,14 @@ def _arms() -> dict[str, Arm]:
     # not swept (the sweep's 0.5-2 learned nothing in 100 steps): does a much bigger scope learn?
     arms.append(Arm("emosens-scope30", EmoSens, dict(lr=30.0), group="the EmoSens family",
                     note="EmoSens, emoScope 30 (a guess, not swept)"))
+    # every arm above ran before SDLoRAModule fed the Emo optimizers the calibrated signal: they
+    # keep the raw batch loss, and these arms measure the calibrated signal (issue 16's outcome)
+    for arm in arms:
+        arm.model_kwargs.setdefault("emotion_signal", "raw")
+    for name in ("emonavi-tuned", "emoclan-tuned", "emonavi-tuned-plateau", "emosens-scope1"):
+        raw = next(arm for arm in arms if arm.name == name)
+        arms.append(replace(raw, name=f"{name}-calibrated", model_kwargs={**raw.model_kwargs, "emotion_signal": "calibrated"},
+                            group="the emotion signal", note=f"{raw.note}; fed the calibrated signal"))
     return {arm.name: arm for arm in arms}
 
 

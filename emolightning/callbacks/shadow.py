@@ -40,9 +40,13 @@ class ShadowCheckpoint(StepCallback):
     file instead (LoRA formats). Every file is published for
     :class:`~emolightning.callbacks.RunSummary`.
 
-    Rollback: when the rank-mean training loss is NaN/inf, or exceeds ``spike_factor`` times
-    its long-run average, the live weights are restored from the shadow and the optimizer's
-    state for them is dropped; after ``max_rollbacks`` rollbacks training stops with an error.
+    Rollback: when the rank-mean training loss is NaN/inf, or the loss exceeds ``spike_factor``
+    times its long-run average, the live weights are restored from the shadow and the
+    optimizer's state for them is dropped; after ``max_rollbacks`` rollbacks training stops with
+    an error. Spikes are judged on the loss the first Emo optimizer read when there is one (under
+    :class:`~emolightning.SDLoRAModule` its calibrated ``emotion_signal``, in which the timestep
+    a batch drew does not show; on a pretrained base the raw batch loss swings 3-4x with the
+    timesteps and would roll back on ordinary steps), otherwise on the rank-mean training loss.
     Each rollback is announced (:class:`~emolightning.run.RolledBack`).
 
     The shadow, the loss average and the counters are part of the Lightning checkpoint, so a
@@ -182,6 +186,11 @@ class ShadowCheckpoint(StepCallback):
         if record.loss is not None:
             loss = record.loss.to(torch.float64).to(trainer.strategy.root_device)
             value = float(trainer.strategy.reduce(loss, reduce_op="mean"))
+            if math.isfinite(value) and record.snapshots and record.snapshots[0].loss is not None:
+                # spikes are judged on what the Emo optimizer read (already the rank mean): with
+                # SDLoRAModule's calibrated emotion signal the timestep each batch drew no longer
+                # looks like a spike, while a non-finite training loss still rolls back
+                value = float(record.snapshots[0].loss)
             if self._judge(trainer, pl_module, params, value):
                 return
         if self._optimizer_shadows(trainer, params) is None and self.should_update(step):

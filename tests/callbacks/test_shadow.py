@@ -10,13 +10,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from emolightning.callbacks import EmoLossFeed, PlateauContinuation, ShadowCheckpoint
 from emolightning.optim import EmoNavi
+from emolightning.run import feed_emotion
 
 
 class FrozenBase(pl.LightningModule):
     """A frozen base layer and a trainable head, like a LoRA on a frozen model."""
 
-    def __init__(self, use_shadow=False, bad_steps=(), spike_steps=(), lr=2e-2):
+    def __init__(self, use_shadow=False, bad_steps=(), spike_steps=(), lr=2e-2, feed_unspiked=False):
         super().__init__()
+        self.feed_unspiked = feed_unspiked
         torch.manual_seed(0)
         self.base = torch.nn.Linear(4, 8).requires_grad_(False)
         self.head = torch.nn.Linear(8, 1)
@@ -30,6 +32,8 @@ class FrozenBase(pl.LightningModule):
         loss = torch.nn.functional.mse_loss(self(x), y)
         if self.global_step in self.bad_steps:
             loss = loss * float("nan")
+        if self.feed_unspiked:  # the optimizer reads another signal, as SDLoRAModule's emotion_signal
+            feed_emotion(self.trainer, loss.detach())
         if self.global_step in self.spike_steps:
             loss = loss * 1000.0
         return loss
@@ -121,6 +125,17 @@ def test_rollback_restores_the_shadow_and_training_goes_on(tmp_path, kind):
     assert ("not finite" if kind == "nan" else "x average") in shadow.rollbacks[0]["reason"]
     assert getattr(check, "checked", False)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_spikes_are_judged_on_what_the_emo_optimizer_read(tmp_path):
+    """A training loss that spikes while the optimizer reads a steady signal (SDLoRAModule's
+    calibrated emotion signal on a batch of high-noise timesteps) is no spike; a NaN still is."""
+    shadow = ShadowCheckpoint(decay=0.5, spike_factor=5.0, warmup_steps=5, save_on_fit_end=False)
+    _trainer(tmp_path, [shadow]).fit(FrozenBase(spike_steps=(12,), feed_unspiked=True), _loader())
+    assert shadow.rollbacks == []
+    shadow = ShadowCheckpoint(decay=0.5, spike_factor=5.0, warmup_steps=5, save_on_fit_end=False)
+    _trainer(tmp_path, [shadow]).fit(FrozenBase(bad_steps=(12,), feed_unspiked=True), _loader())
+    assert [r["step"] for r in shadow.rollbacks] == [13] and "not finite" in shadow.rollbacks[0]["reason"]
 
 
 def test_too_many_rollbacks_stop_with_a_clear_error(tmp_path):
