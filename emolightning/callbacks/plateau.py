@@ -270,7 +270,12 @@ class PlateauContinuation(StepCallback):
                 value = None if metric is None else self._rank_mean(trainer, metric.detach())
             if value is None or math.isnan(value):
                 return False, value
-            if self.monitor != TRAIN_LOSS:
+            if self.monitor != TRAIN_LOSS:  # the stage table shows the judged value next to the loss
+                if record.get("monitor_in") is None:
+                    record["monitor_in"] = value
+                best = record.get("monitor_best")
+                record["monitor_best"] = value if best is None else (min if self.mode == "min" else max)(best, value)
+            if self.monitor not in (TRAIN_LOSS, EMOTION_LOSS):  # a logged metric: new values only
                 if self._last_judged == (value, self.validations):
                     return False, value  # nothing new since the last check: not counted
                 self._last_judged = (value, self.validations)
@@ -353,10 +358,16 @@ class PlateauContinuation(StepCallback):
             trainer.logger.log_metrics({"plateau/stage": float(self.stage), "plateau/lr": lrs[0][0]}, step=step)
 
     def summary_table(self) -> Table:
-        """The stages so far: steps, LR (or emoScope) and the training loss (window mean) at entry
-        and exit."""
+        """The stages so far: steps, LR (or emoScope), the training loss (window mean) at entry
+        and exit and, when the plateau is judged by another value (a logged metric such as
+        ``val_loss``, or ``emotion_loss``), that value at the stage's first check and its best
+        in the stage."""
+        judged = self.monitor not in (SHOULD_STOP, TRAIN_LOSS)
         table = Table(title=f"PlateauContinuation stages (plateau judged by {self.monitor})")
-        for column in ("stage", "steps", self.lr_name, "loss at entry", "loss at exit"):
+        columns = ["stage", "steps", self.lr_name, "loss at entry", "loss at exit"]
+        if judged:
+            columns += [f"{self.monitor} at entry", f"best {self.monitor}"]
+        for column in columns:
             table.add_column(column, justify="right")
         for record in self.stages:
             end = record.get("end_step")
@@ -365,8 +376,11 @@ class PlateauContinuation(StepCallback):
             def show(x: Optional[float]) -> str:
                 return "—" if x is None else f"{x:.5g}"
 
-            table.add_row(str(record["stage"]), steps, f"{record['lrs'][0][0]:.3g}",
-                          show(record.get("loss_in")), show(record.get("loss_out")))
+            cells = [str(record["stage"]), steps, f"{record['lrs'][0][0]:.3g}", show(record.get("loss_in")),
+                     show(record.get("loss_out"))]
+            if judged:
+                cells += [show(record.get("monitor_in")), show(record.get("monitor_best"))]
+            table.add_row(*cells)
         return table
 
     # ------------------------------------------------------------------------------ state

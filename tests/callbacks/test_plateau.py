@@ -317,3 +317,16 @@ def test_emotion_loss_judges_what_the_optimizer_read(tmp_path):
     with pytest.raises(ValueError, match="monitor='emotion_loss'.*needs an Emo optimizer"):
         _trainer(tmp_path / "adamw", [_plateau(monitor="emotion_loss")], max_epochs=1).fit(
             NoisyRegression("adamw"), _loader())
+
+
+def test_the_stage_table_shows_the_judged_value_beside_the_loss(tmp_path):
+    by_signal = _plateau(monitor="emotion_loss", max_stages=1)
+    _trainer(tmp_path, [by_signal]).fit(FlatSignal(), _loader())
+    table = by_signal.summary_table()
+    headers = [column.header for column in table.columns]
+    assert headers[-2:] == ["emotion_loss at entry", "best emotion_loss"]
+    # the flat signal the optimizer read is 1.0 in every stage
+    assert list(table.columns[-2].cells) == list(table.columns[-1].cells) == ["1", "1"]
+    assert all(stage["monitor_in"] == stage["monitor_best"] == 1.0 for stage in by_signal.stages)
+    plain = _plateau(max_stages=1)  # judged by the training loss: no extra columns
+    assert [column.header for column in plain.summary_table().columns][-1] == "loss at exit"
