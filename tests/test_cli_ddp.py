@@ -63,7 +63,7 @@ def _run(base: Path, *extra: str) -> str:
                f"--trainer.default_root_dir={base / 'run'}", *extra]
     result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[:8000] + "\n...\n" + output[-4000:]
+    assert result.returncode == 0, output[-30000:]
     return output
 
 

@@ -196,7 +196,9 @@ def test_native_l1_total_matches_the_reference_sum_on_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert results[0].dtype == torch.float64 and len({r.item() for r in results}) == 1
-    torch.testing.assert_close(results[0], want, rtol=1e-7, atol=0)  # float32 norms: float32 rounding
+    # the reference's float32 norm of 90,000 terms is rounded in an order that depends on torch's
+    # thread count and the CPU's vector width: float32 sums, a few 1e-7 relative (9e-7 seen)
+    torch.testing.assert_close(results[0], want, rtol=5e-6, atol=0)
     fp32 = _tensors([(700, 400), (5,)], 5, torch.float32)
     total = ops.l1_total(fp32)
     assert total.dtype == torch.float32
