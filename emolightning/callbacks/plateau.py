@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from emolightning.callbacks._util import group_lrs, lr_name, lr_values, output_dir, save_checkpoint_atomically, scale_lrs
 from emolightning.callbacks.step import StepCallback
-from emolightning.optim import EmotionalOptimizer
+from emolightning.optim import EmoPulseScheduler, EmotionalOptimizer
 from emolightning.run import LoraWriter, StageChanged, StepRecord, emo_optimizers
 
 SHOULD_STOP = "should_stop"
@@ -39,7 +39,9 @@ class PlateauContinuation(StepCallback):
     :class:`~emolightning.run.LoraWriter`, the finished stage's LoRA file). After the plateau of
     the last stage it saves the same files and stops training.
 
-    A plateau is either the Emo optimizers' ``should_stop`` signal (``monitor="should_stop"``),
+    A plateau is either the Emo optimizers' ``should_stop`` signal (``monitor="should_stop"``;
+    an attached :class:`~emolightning.optim.EmoPulseScheduler`'s counts too, and its emotion is
+    reset at a stage change like theirs),
     or no relative improvement of at least ``min_delta`` in ``patience`` checks of a value:
     the training loss averaged over the last ``window`` steps (``monitor="train_loss"``), the
     same average of the loss the first Emo optimizer read (``monitor="emotion_loss"``: with
@@ -150,10 +152,16 @@ class PlateauContinuation(StepCallback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.monitor in (SHOULD_STOP, EMOTION_LOSS) and not emo_optimizers(trainer):
+        if self.monitor == SHOULD_STOP and not (emo_optimizers(trainer) or _pulse_schedulers(trainer)):
             raise ValueError(
-                f"PlateauContinuation(monitor='{self.monitor}') needs an Emo optimizer (EmoNavi, EmoFact, "
-                "EmoLynx or EmoClan); with another optimizer use monitor='train_loss' or a logged metric.")
+                "PlateauContinuation(monitor='should_stop') needs an Emo optimizer (EmoNavi, EmoFact, EmoLynx, "
+                "EmoClan or the EmoSens family) or an EmoPulseScheduler; with another optimizer use "
+                "monitor='train_loss' or a logged metric.")
+        if self.monitor == EMOTION_LOSS and not emo_optimizers(trainer):
+            raise ValueError(
+                "PlateauContinuation(monitor='emotion_loss') needs an Emo optimizer (EmoNavi, EmoFact, "
+                "EmoLynx, EmoClan or the EmoSens family); with another optimizer use monitor='train_loss' or "
+                "a logged metric.")
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -258,7 +266,8 @@ class PlateauContinuation(StepCallback):
         if self.monitor == SHOULD_STOP:
             if snapshots is None:
                 snapshots = tuple(opt.snapshot() for opt in emo_optimizers(trainer))
-            quiet = any(snap.should_stop for snap in snapshots)
+            quiet = any(snap.should_stop for snap in snapshots) or any(
+                scheduler.should_stop for scheduler in _pulse_schedulers(trainer))
             plateau = trainer.strategy.reduce_boolean_decision(quiet, all=False)
         else:
             if self.monitor == TRAIN_LOSS:
@@ -325,6 +334,11 @@ class PlateauContinuation(StepCallback):
                 optimizer.reset_should_stop()
                 if self.reset_moments:
                     optimizer.drop_moments(p for group in optimizer.param_groups for p in group["params"])
+        for scheduler in _pulse_schedulers(trainer):
+            if self.reset_emotion:
+                scheduler.reset_emotion()
+            else:
+                scheduler.reset_should_stop()
         self.stage += 1
         self.stage_start_step = step
         self.best, self.wait, self.cooldown_left = None, 0, self.cooldown
@@ -405,3 +419,10 @@ class PlateauContinuation(StepCallback):
         self.stages = [dict(record) for record in state_dict["stages"]]
         self.stop_reason = state_dict["stop_reason"]
         self.lrs_now = state_dict["lrs_now"]
+
+
+def _pulse_schedulers(trainer: "pl.Trainer") -> list[EmoPulseScheduler]:
+    """The EmoPulseSchedulers attached to the Trainer's optimizers (they keep an emotion, and a
+    ``should_stop``, of their own)."""
+    return [config.scheduler for config in trainer.lr_scheduler_configs
+            if isinstance(config.scheduler, EmoPulseScheduler)]

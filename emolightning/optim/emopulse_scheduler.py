@@ -97,6 +97,16 @@ class EmoPulseScheduler(LRScheduler):
         """The (rank-mean) loss the latest step used; ``None`` if it had none."""
         return self._emotion.loss
 
+    def reset_emotion(self) -> None:
+        """Forget the loss averages, the estimates and ``should_stop``, keeping ``emoScope``:
+        the next loss starts afresh, as after a new training session (PlateauContinuation does
+        this at a stage change). The LR stays at the present emoPulse until the next step."""
+        self._emotion.reset()
+
+    def reset_should_stop(self) -> None:
+        """Clear ``should_stop`` only (the averages are kept)."""
+        self._emotion.should_stop = False
+
     def feed_loss(self, loss: LossLike) -> None:
         """Hand over a loss for the next :meth:`step` (it uses the mean of those fed)."""
         self._loss.feed(loss)

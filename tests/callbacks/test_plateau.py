@@ -165,6 +165,32 @@ def test_keeping_the_emotion_clears_only_should_stop(tmp_path):
     assert not spy.seen[0].should_stop and spy.seen[0].ema  # averages kept, the flag cleared
 
 
+def test_should_stop_of_an_emopulse_scheduler_starts_a_stage(tmp_path):
+    """AdamW driven by EmoPulseScheduler: the scheduler's should_stop ends the stage, its emoScope
+    is lowered and its emotion reset."""
+    seen = []
+
+    class SchedulerAtStageChange(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            scheduler = trainer.lr_scheduler_configs[0].scheduler
+            if callback.stage and not seen:
+                seen.append((scheduler.should_stop, scheduler.emoScope))
+
+    class QuietAdamW(NoisyRegression):  # the noise floor (MSE ~0.09) under the scheduler's stopcoef
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=LR)
+            scheduler = EmoPulseScheduler(optimizer, base_lr=SCOPE, stopcoef=0.2, notify=False)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    callback = PlateauContinuation(monitor="should_stop", check_every_n_steps=1, min_steps_per_stage=0,
+                                   max_stages=1, save_stage_checkpoints=False)
+    trainer = _trainer(tmp_path, [callback, SchedulerAtStageChange()], max_epochs=400)
+    trainer.fit(QuietAdamW("adamw", near_solution=True), _loader(batch_size=64))
+    assert callback.stage == 1 and callback.stop_reason is not None
+    assert seen == [(False, SCOPE / 2)]  # reset and halved at the change
+    assert trainer.lr_scheduler_configs[0].scheduler.should_stop  # and quiet again at the end
+
+
 def test_should_stop_needs_an_emo_optimizer(tmp_path):
     trainer = _trainer(tmp_path, [PlateauContinuation()], max_epochs=1)
     with pytest.raises(ValueError, match="needs an Emo optimizer"):
