@@ -500,7 +500,7 @@ def _sweep_arm(name: str) -> Arm:
     _, key, lr = name.split("-", 2)
     base = ARMS["adamw-tuned"] if key == "adamw" else ARMS["emosens-scope1" if key == "emosens" else f"{key}-tuned"]
     return Arm(name, base.optimizer, {**base.optimizer_kwargs, "lr": float(lr)}, trainer_kwargs=base.trainer_kwargs,
-               group="sweep")
+               model_kwargs=dict(base.model_kwargs), group="sweep")  # the raw signal, as the recorded sweep ran
 
 
 ARMS: dict[str, Arm] = {}
