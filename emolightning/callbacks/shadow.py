@@ -118,6 +118,10 @@ class ShadowCheckpoint(StepCallback):
         self.shadow: dict[str, Tensor] = {}
         self.loss_average: Optional[float] = None
         self.loss_steps = 0
+        # what the average is of: "emotion" (what the Emo optimizer read) or "train_loss"; a
+        # resumed run that judges the other one (e.g. a checkpoint from before the module fed a
+        # calibrated signal) starts its average afresh instead of comparing unlike values
+        self.judged: Optional[str] = None
         self.rollbacks: list[dict[str, Any]] = []
         self.saved: list[str] = []
         self.written: list[str] = []  # every file written and still on disk, for RunSummary
@@ -186,11 +190,16 @@ class ShadowCheckpoint(StepCallback):
         if record.loss is not None:
             loss = record.loss.to(torch.float64).to(trainer.strategy.root_device)
             value = float(trainer.strategy.reduce(loss, reduce_op="mean"))
+            judged = "train_loss"
             if math.isfinite(value) and record.snapshots and record.snapshots[0].loss is not None:
                 # spikes are judged on what the Emo optimizer read (already the rank mean): with
                 # SDLoRAModule's calibrated emotion signal the timestep each batch drew no longer
                 # looks like a spike, while a non-finite training loss still rolls back
-                value = float(record.snapshots[0].loss)
+                value, judged = float(record.snapshots[0].loss), "emotion"
+            if math.isfinite(value) and judged != self.judged:
+                if self.judged is not None:
+                    self.loss_average, self.loss_steps = None, 0
+                self.judged = judged
             if self._judge(trainer, pl_module, params, value):
                 return
         if self._optimizer_shadows(trainer, params) is None and self.should_update(step):
@@ -330,7 +339,7 @@ class ShadowCheckpoint(StepCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": {k: v.detach().cpu() for k, v in self.shadow.items()},
                 "loss_average": self.loss_average, "loss_steps": self.loss_steps, "rollbacks": self.rollbacks,
-                "saved": self.saved, "written": self.written, "best": self.best}
+                "saved": self.saved, "written": self.written, "best": self.best, "judged": self.judged}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -341,3 +350,5 @@ class ShadowCheckpoint(StepCallback):
         self.saved = list(state_dict["saved"])
         self.written = list(state_dict.get("written", []))
         self.best = state_dict["best"]
+        # checkpoints written before the spike check read the optimizer's signal averaged the training loss
+        self.judged = state_dict.get("judged", "train_loss" if self.loss_average is not None else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -65,7 +66,10 @@ class LatentCache:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self._file(key)
-            temporary = path.with_name(f".{path.name}.partial")
+            # one temporary name per process: under DDP two ranks can store the same image (the
+            # sampler pads a rank's share with another's images), and a shared name would let one
+            # rank rename the other's half-written file away
+            temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
             torch.save(entry[0] if entry[1] is None else {"latents": entry[0], "loss_mask": entry[1]}, temporary)
             os.replace(temporary, path)
 

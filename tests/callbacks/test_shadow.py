@@ -138,6 +138,19 @@ def test_spikes_are_judged_on_what_the_emo_optimizer_read(tmp_path):
     assert [r["step"] for r in shadow.rollbacks] == [13] and "not finite" in shadow.rollbacks[0]["reason"]
 
 
+def test_a_resumed_average_of_another_loss_starts_afresh(tmp_path):
+    """State from a checkpoint whose average is of the training loss (written before spikes were
+    judged on what the Emo optimizer read) is not compared with the optimizer's signal."""
+    old = ShadowCheckpoint(spike_factor=3.0, warmup_steps=0).state_dict()
+    old.update(loss_average=1e-4, loss_steps=100)
+    del old["judged"]
+    shadow = ShadowCheckpoint(spike_factor=3.0, warmup_steps=0, save_on_fit_end=False)
+    shadow.load_state_dict(old)
+    assert shadow.judged == "train_loss"
+    _trainer(tmp_path, [shadow], max_epochs=1).fit(FrozenBase(feed_unspiked=True), _loader())
+    assert shadow.rollbacks == [] and shadow.judged == "emotion" and shadow.loss_steps == 8
+
+
 def test_too_many_rollbacks_stop_with_a_clear_error(tmp_path):
     shadow = ShadowCheckpoint(max_rollbacks=1, save_on_fit_end=False)
     with pytest.raises(RuntimeError, match="exceed max_rollbacks=1"):
