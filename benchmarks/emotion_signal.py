@@ -229,20 +229,19 @@ def first_plateau(values: list[float], every: int, window: int, patience: int, m
     """The step PlateauContinuation(monitor=<a window mean of values>) would first declare a plateau."""
     judge = PlateauContinuation(monitor="train_loss", window=window, patience=patience, min_delta=min_delta,
                                 check_every_n_steps=every)
-    for step in range(every, len(values) + 1, every):
-        value = float(np.mean(values[max(0, step - window):step]))
-        if judge._improved(value):
-            judge.best, judge.wait = value, 0
-        else:
-            judge.wait += 1
-        if judge.wait >= judge.patience and step >= min_steps:
-            return step
-    return None
+    checks = [(step, float(np.mean(values[max(0, step - window):step]))) for step in range(every, len(values) + 1, every)]
+    return _first_patience_run_out(judge, checks, min_steps)
 
 
 def held_out_plateau(held: list[tuple[int, float]], patience: int, min_delta: float, min_steps: int) -> Optional[int]:
     judge = PlateauContinuation(monitor="val_loss", patience=patience, min_delta=min_delta)
-    for step, value in held[1:]:
+    return _first_patience_run_out(judge, held[1:], min_steps)
+
+
+def _first_patience_run_out(judge: PlateauContinuation, checks: list[tuple[int, float]],
+                            min_steps: int) -> Optional[int]:
+    """The first check (step, value) at which ``judge``'s patience runs out, at ``min_steps`` or later."""
+    for step, value in checks:
         if judge._improved(value):
             judge.best, judge.wait = value, 0
         else:

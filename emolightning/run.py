@@ -34,9 +34,14 @@ def emo_optimizers(trainer: "pl.Trainer") -> list[EmotionalOptimizer]:
 def loss_readers(trainer: "pl.Trainer") -> list[Any]:
     """What reads the training loss each step: the Emo optimizers, and LR schedulers with a
     ``feed_loss`` method (:class:`~emolightning.optim.EmoPulseScheduler`)."""
-    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs
-                  if callable(getattr(config.scheduler, "feed_loss", None))]
-    return [*emo_optimizers(trainer), *schedulers]
+    return [*emo_optimizers(trainer), *loss_reading_schedulers(trainer)]
+
+
+def loss_reading_schedulers(trainer: "pl.Trainer") -> list[Any]:
+    """The LR schedulers attached to the Trainer that read the training loss (have a
+    ``feed_loss`` method, as :class:`~emolightning.optim.EmoPulseScheduler` does)."""
+    return [config.scheduler for config in trainer.lr_scheduler_configs
+            if callable(getattr(config.scheduler, "feed_loss", None))]
 
 
 def feed_emotion(trainer: "pl.Trainer", value: Tensor) -> None:

@@ -17,7 +17,7 @@ from typing_extensions import override
 from emolightning.callbacks._util import group_lrs, lr_name, lr_values, output_dir, save_checkpoint_atomically, scale_lrs
 from emolightning.callbacks.step import StepCallback
 from emolightning.optim import EmoPulseScheduler, EmotionalOptimizer
-from emolightning.run import LoraWriter, StageChanged, StepRecord, emo_optimizers
+from emolightning.run import LoraWriter, StageChanged, StepRecord, emo_optimizers, loss_reading_schedulers
 
 SHOULD_STOP = "should_stop"
 TRAIN_LOSS = "train_loss"
@@ -424,5 +424,4 @@ class PlateauContinuation(StepCallback):
 def _pulse_schedulers(trainer: "pl.Trainer") -> list[EmoPulseScheduler]:
     """The EmoPulseSchedulers attached to the Trainer's optimizers (they keep an emotion, and a
     ``should_stop``, of their own)."""
-    return [config.scheduler for config in trainer.lr_scheduler_configs
-            if isinstance(config.scheduler, EmoPulseScheduler)]
+    return [scheduler for scheduler in loss_reading_schedulers(trainer) if isinstance(scheduler, EmoPulseScheduler)]
