@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from emolightning.data import ImageCaptionDataModule
-from emolightning.data.shapes import BASE_PROMPTS, STAR_PROMPTS, STAR_UNSEEN_PROMPTS, write_stars
+from emolightning.data.shapes import BASE_PROMPTS, STAR_PROMPTS, STAR_UNSEEN_PROMPTS, builtin_set, write_stars
 from emolightning.diffusion import SDLoRAModule
 from emolightning.diffusion.concept import ConceptScore
 from emolightning.optim import EmoNavi
@@ -89,16 +89,20 @@ def main() -> None:
     parser.add_argument("--snr-gamma", type=lambda v: None if v.lower() == "none" else float(v), default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--grid", type=Path, default=Path("mini_lora_grid.png"))
+    parser.add_argument("--seed", type=int, default=0, help="the LoRA's initialisation, the noise and timestep draws and the data order")
+    parser.add_argument("--no-regularization", dest="regularization", action="store_false",
+                        help="train on the 24 stars alone, without builtin:stars' 8 regularisation pictures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    root = write_stars(Path(tempfile.gettempdir()) / "emolightning-stars-32", size=32)
+    root = builtin_set("builtin:stars", 32) if args.regularization else write_stars(
+        Path(tempfile.gettempdir()) / "emolightning-stars-32", size=32, regularization=0)
     module = SDLoRAModule("builtin:mini", lora_rank=args.rank, target_preset=args.target_preset,
                           optimizer=partial(EmoNavi, lr=args.lr), snr_gamma=args.snr_gamma,
                           cache_latents="memory", sample_size=32, sample_inference_steps=args.sample_steps,
-                          sample_guidance_scale=args.guidance, seed=0)
+                          sample_guidance_scale=args.guidance, seed=args.seed)
     data = ImageCaptionDataModule(str(root), resolution=32, bucketing=False, min_bucket=32,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, shuffle_seed=args.seed)
     probe = Probe(args.every, args.steps)
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          callbacks=[probe], enable_progress_bar=False, enable_model_summary=False,

@@ -222,7 +222,8 @@ class Evaluator:
             from PIL import Image
             import numpy as np
 
-            folder = write_stars(Path(self.settings.out) / "held-out-stars", count=HELD_OUT, size=32, seed=1) / "1_star"
+            folder = write_stars(Path(self.settings.out) / "held-out-stars", count=HELD_OUT, size=32, seed=1,
+                                 regularization=0) / "1_star"
             stars = [(Image.open(p).convert("RGB"), p.with_suffix(".txt").read_text()) for p in sorted(folder.glob("*.png"))]
             rng = random.Random(2)
             scenes = [sample_scene(rng, shape=["circle", "square", "triangle"]) for _ in range(HELD_OUT)]
@@ -754,8 +755,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     root = args.out / "stars"
-    if not root.exists():
-        write_stars(root, size=32)
+    if not root.exists():  # the set without its regularisation pictures, so that base damage shows
+        write_stars(root, size=32, regularization=0)
     settings = Settings(steps=args.steps, every=args.every, sample_seeds=tuple(1000 * k for k in range(args.sample_seeds)),
                         sample_steps=args.sample_steps, data_root=str(root), out=str(args.out))
     (args.out / "settings.json").write_text(json.dumps({**vars(settings), "seeds": args.seeds, "arms": names}))

@@ -13,16 +13,20 @@ Stages (``--stages``, in this order; a later stage reads what the earlier ones w
    Captions leave out some attributes at random (so short prompts work too) and are empty for
    10 % of the pictures (for classifier-free guidance). The shipped weights are an exponential
    moving average (0.999) of the trained ones.
-3. ``score``: the :class:`~emolightning.diffusion.concept.SceneClassifier` learns every
+3. ``decoder``: the VAE's decoder (the encoder frozen, so the latents the UNet learned stay
+   the same) is fine-tuned on pictures of all four shapes, the star included: like Stable
+   Diffusion's own VAE, it is a general image codec that can draw what the UNet never learned.
+4. ``score``: the :class:`~emolightning.diffusion.concept.SceneClassifier` learns every
    attribute of the rendered pictures, the star included, half of them passed through the VAE
    and all with a little noise, so that it also reads decoded, imperfect pictures.
-4. ``report``: loads the shipped (float16) weights through ``build_mini_sd`` and
+5. ``report``: loads the shipped (float16) weights through ``build_mini_sd`` and
    ``StableDiffusionPipeline``, draws a sample grid, plots the loss curves (``--docs``) and
    scores the base's pictures.
 
-The pretraining pictures hold circles, squares and triangles only: the star is held out of the
-VAE, the UNet and the text encoder (the tokenizer has a token for the word, whose embedding is
-never trained), so that a LoRA can teach it (``builtin:stars``).
+The UNet's and the text encoder's pretraining pictures hold circles, squares and triangles only,
+and so do the VAE's first stage: the star is held out of what the base draws (the tokenizer has
+a token for the word, whose embedding is never trained), so that a LoRA can teach it
+(``builtin:stars``). Only the decoder sees stars, after the UNet was trained.
 
 Reproducibility: every stage seeds its own generators, runs on one CPU thread with
 ``torch.use_deterministic_algorithms(True)``, and renders its pictures from seeded
@@ -45,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -138,6 +142,37 @@ def write_record(out: Path, record: dict[str, Any]) -> None:
     temporary.replace(out / MINI_RECORD)
 
 
+def scheduled_batches(optimizer: torch.optim.Optimizer, pool: torch.Tensor, generator: torch.Generator, steps: int,
+                      batch: int, lr: float, warmup: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(step, pictures in [-1, 1])`` for ``steps`` random batches of ``pool``, the optimizer's
+    LR set for each step on a warm-up and cosine schedule."""
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * cosine_lr(step, steps, warmup=warmup)
+        index = torch.randint(0, len(pool), (batch,), generator=generator)
+        yield step, to_unit(pool[index])
+
+
+def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """L1 + L2, the shape's pixels weighted ``1 + SHAPE_WEIGHT`` times the background's."""
+    # small shapes cover few pixels: without more weight the VAE learns backgrounds first
+    weight = 1 + SHAPE_WEIGHT * ((pixels - pixels[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+    return ((decoded - pixels).abs() * weight).mean() + ((decoded - pixels).pow(2) * weight).mean()
+
+
+def shape_errors(vae: Any) -> tuple[dict[str, float], torch.Tensor]:
+    """Mean absolute reconstruction error (0-255) per shape on 256 held-out pictures, and their latents."""
+    with torch.no_grad():
+        scenes, pixels = render_pool(256, seed=2, shapes=SCENE_SHAPES)
+        latents = torch.cat([vae.encode(to_unit(pixels[i:i + 64])).latent_dist.mode() for i in range(0, 256, 64)])
+        error = {}
+        for shape in SCENE_SHAPES:
+            rows = [i for i, scene in enumerate(scenes) if scene.shape == shape]
+            decoded = vae.decode(latents[rows]).sample.clamp(-1, 1)
+            error[shape] = round(float((decoded - to_unit(pixels[rows])).abs().mean() * 127.5), 3)
+    return error, latents
+
+
 def train_vae(args: argparse.Namespace, record: dict[str, Any]) -> None:
     from diffusers import AutoencoderKL
 
@@ -148,28 +183,15 @@ def train_vae(args: argparse.Namespace, record: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(11)
     curve = []
-    for step in range(args.vae_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = args.vae_lr * cosine_lr(step, args.vae_steps, warmup=100)
-        index = torch.randint(0, len(pool), (args.vae_batch,), generator=generator)
-        pixels = to_unit(pool[index])
-        # small shapes cover few pixels: without more weight the VAE learns backgrounds first
-        weight = 1 + SHAPE_WEIGHT * ((pixels - pixels[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+    for step, pixels in scheduled_batches(optimizer, pool, generator, args.vae_steps, args.vae_batch, args.vae_lr,
+                                          warmup=100):
         posterior = vae.encode(pixels).latent_dist
-        decoded = vae.decode(posterior.sample(generator=generator)).sample
-        reconstruction = ((decoded - pixels).abs() * weight).mean() + ((decoded - pixels).pow(2) * weight).mean()
+        reconstruction = reconstruction_loss(vae.decode(posterior.sample(generator=generator)).sample, pixels)
         optimizer_step(optimizer, reconstruction + args.vae_kl * posterior.kl().mean())
         curve.append(reconstruction.item())
         log_progress("vae", step, args.vae_steps, curve, started)
     vae.eval()
-    with torch.no_grad():
-        held_out = render_pool(256, seed=2, shapes=SCENE_SHAPES)
-        latents = torch.cat([vae.encode(to_unit(held_out[1][i:i + 64])).latent_dist.mode() for i in range(0, 256, 64)])
-        error = {}
-        for shape in SCENE_SHAPES:
-            rows = [i for i, scene in enumerate(held_out[0]) if scene.shape == shape]
-            decoded = vae.decode(latents[rows]).sample.clamp(-1, 1)
-            error[shape] = float((decoded - to_unit(held_out[1][rows])).abs().mean() * 127.5)
+    error, latents = shape_errors(vae)
     scaling = 1.0 / float(latents.std())
     config = dict(VAE, scaling_factor=round(scaling, 5))
     save_half(vae, args.out / "vae.safetensors")
@@ -278,6 +300,43 @@ def train_diffusion(args: argparse.Namespace, record: dict[str, Any], scratch: P
     log("diffusion", f"done in {time.time() - started:.0f} s")
 
 
+def train_decoder(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """Fine-tune the VAE's decoder on all four shapes, the encoder frozen.
+
+    The latents stay what the UNet learned (the same pictures encode to the same latents), so the
+    base is unchanged; the decoder learns to draw what it never saw, stars included, as Stable
+    Diffusion's own VAE draws anything. Without this stage the decoder turns a star's latents into a
+    pentagon, and no LoRA can draw a star.
+    """
+    started = time.time()
+    vae = load_vae(args, record)
+    before, _ = shape_errors(vae)
+    trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    vae.decoder.train()
+    _, pool = render_pool(args.pool, seed=6, shapes=SCENE_SHAPES)
+    optimizer = torch.optim.AdamW(trained, lr=args.decoder_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(60)
+    curve = []
+    for step, pixels in scheduled_batches(optimizer, pool, generator, args.decoder_steps, args.vae_batch,
+                                          args.decoder_lr, warmup=50):
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        reconstruction = reconstruction_loss(vae.decode(latents).sample, pixels)
+        optimizer_step(optimizer, reconstruction)
+        curve.append(reconstruction.item())
+        log_progress("decoder", step, args.decoder_steps, curve, started)
+    vae.eval()
+    after, _ = shape_errors(vae)
+    save_half(vae, args.out / "vae.safetensors")
+    record.setdefault("training", {})["decoder"] = dict(
+        steps=args.decoder_steps, batch=args.vae_batch, lr=args.decoder_lr, pool=args.pool, shapes=list(SCENE_SHAPES),
+        frozen=["encoder", "quant_conv"], seconds=round(time.time() - started), curve=_thin(curve),
+        l1_per_shape_0_255_before=before, l1_per_shape_0_255=after)
+    log("decoder", f"done in {time.time() - started:.0f} s; mean |error| (0-255) per shape {before} -> {after}")
+
+
 def train_score(args: argparse.Namespace, record: dict[str, Any]) -> None:
     from emolightning.data.shapes import SCENE_ATTRIBUTES
 
@@ -364,7 +423,7 @@ def report(args: argparse.Namespace, record: dict[str, Any], scratch: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in ("vae", "diffusion", "score") if s in record.get("training", {})]
+    stages = [s for s in ("vae", "diffusion", "decoder", "score") if s in record.get("training", {})]
     figure, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2))
     for axis, stage in zip(np.atleast_1d(axes), stages):
         info = record["training"][stage]
@@ -373,7 +432,7 @@ def report(args: argparse.Namespace, record: dict[str, Any], scratch: Path) -> N
         axis.set_yscale("log")
         axis.set_title(f"{stage} ({info['seconds'] / 60:.1f} min)")
         axis.set_xlabel("step")
-        axis.set_ylabel({"vae": "L1 + L2 reconstruction", "diffusion": "min-SNR-5 noise MSE",
+        axis.set_ylabel({"vae": "L1 + L2 reconstruction", "decoder": "L1 + L2 reconstruction", "diffusion": "min-SNR-5 noise MSE",
                          "score": "cross-entropy (sum of 5)"}[stage])
     figure.tight_layout()
     figure.savefig(args.docs / "mini-pretraining.png", dpi=100)
@@ -384,12 +443,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where the weights and mini.json go")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "images",
                         help="where the loss curves and sample grid go ('none': nowhere)")
-    parser.add_argument("--stages", default="vae,diffusion,score,report")
+    parser.add_argument("--stages", default="vae,diffusion,decoder,score,report")
     parser.add_argument("--pool", type=int, default=16384, help="pictures rendered per stage")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-6)
+    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--decoder-lr", type=float, default=3e-4)
     parser.add_argument("--diffusion-steps", type=int, default=6000)
     parser.add_argument("--diffusion-batch", type=int, default=32)
     parser.add_argument("--diffusion-lr", type=float, default=1e-3)
@@ -403,7 +464,7 @@ def main() -> None:
     if str(args.docs).lower() == "none":
         args.docs = None
     stages = args.stages.split(",")
-    unknown = set(stages) - {"vae", "diffusion", "score", "report"}
+    unknown = set(stages) - {"vae", "diffusion", "decoder", "score", "report"}
     if unknown:
         parser.error(f"--stages: unknown stage(s) {sorted(unknown)}")
     deterministic()
@@ -421,6 +482,8 @@ def main() -> None:
                 train_vae(args, record)
             elif stage == "diffusion":
                 train_diffusion(args, record, scratch)
+            elif stage == "decoder":
+                train_decoder(args, record)
             elif stage == "score":
                 train_score(args, record)
             else:

@@ -3,6 +3,7 @@ that follow :mod:`emolightning.batch`."""
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from collections import Counter
@@ -271,9 +272,11 @@ class ImageCaptionDataModule(pl.LightningDataModule):
 
     Args:
         root: the image folder, or a built-in set: ``"builtin:shapes"`` (24 generated pictures of
-            coloured shapes, for tests) or ``"builtin:stars"`` (24 pictures of stars, the concept
-            ``builtin:mini`` never saw, trigger word ``star``; the quickstart's set, see
-            docs/mini-base.md). Built-in sets are written at ``resolution`` on first use.
+            coloured shapes, for tests), ``"builtin:stars"`` (24 pictures of stars, the concept
+            ``builtin:mini`` never learned, trigger word ``star``, and 8 regularisation pictures
+            of its own shapes; the quickstart's set, see docs/mini-base.md) or
+            ``"builtin:stars-only"`` (the stars alone). Built-in sets are written at
+            ``resolution`` on first use.
         caption_extension: extension of the caption files.
         missing_caption: ``"folder"``, ``"filename"``, ``"empty"`` or ``"error"``.
         resolution: the side of the square training size; buckets keep its area. A multiple
@@ -292,7 +295,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         batch_size, num_workers, pin_memory: loading.
         shuffle_seed: seeds shuffling, augmentation and the validation split (named apart from
             the module's ``seed``: Lightning refuses equal hyperparameter names with different
-            values).
+            values); default: the run's ``seed_everything``, or 0 where none was set.
 
     Example:
         >>> data = ImageCaptionDataModule("./my_set", resolution=512, batch_size=2)
@@ -318,7 +321,7 @@ class ImageCaptionDataModule(pl.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = True,
-        shuffle_seed: int = 0,
+        shuffle_seed: Optional[int] = None,
         val_split: float = 0.0,
         alpha_mask: bool = True,
     ) -> None:
@@ -331,6 +334,8 @@ class ImageCaptionDataModule(pl.LightningDataModule):
                             ("bucket_step", bucket_step)):
             _check_latent_multiple(name, value)
         self.save_hyperparameters()
+        if shuffle_seed is None:  # Lightning's seed_everything leaves its seed here
+            self.hparams.shuffle_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.hparams.root = str(root)  # checkpoints must load with weights_only=True: no Path objects
         self.root = Path(root).expanduser() if str(root) not in BUILTIN_SETS else None
         self.dataset: Optional[ImageCaptionDataset] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,13 +22,19 @@ _COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
 _BACKGROUNDS = {"white": (245, 245, 240), "black": (20, 20, 25)}
 
 
-def _write_once(directory: Union[str, Path], folder_name: str, fill: Callable[[Path], None]) -> Path:
-    """Call ``fill(folder)`` on ``directory/folder_name`` unless it exists; the whole directory is
-    written under a temporary name and renamed, so a reader never sees a partial set, and two
-    processes writing at once both end with the same complete one."""
+def _write_once(directory: Union[str, Path], folder_name: str, fill: Callable[[Path], None],
+                also: Sequence[str] = ()) -> Path:
+    """Call ``fill(folder)`` on ``directory/folder_name`` unless it exists (and so do the sibling
+    folders ``also``, which ``fill`` writes beside it); the whole directory is written under a
+    temporary name and renamed, so a reader never sees a partial set, and two processes writing at
+    once both end with the same complete one."""
     directory = Path(directory)
-    if (directory / folder_name).is_dir():
+    wanted = [directory / name for name in (folder_name, *also)]
+    if all(path.is_dir() for path in wanted):
         return directory
+    if directory.is_dir() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} holds another set than the one asked for (it lacks "
+                              f"{', '.join(p.name for p in wanted if not p.is_dir())}): remove it or pick another folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -37,7 +44,7 @@ def _write_once(directory: Union[str, Path], folder_name: str, fill: Callable[[P
         try:
             os.replace(staging, directory)
         except OSError:
-            if not (directory / folder_name).is_dir():  # not just another process finishing first
+            if not all(path.is_dir() for path in wanted):  # not just another process finishing first
                 raise
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
@@ -225,13 +232,23 @@ BASE_PROMPTS = ("a big red circle, white background", "a small blue square, blac
 """Prompts without the trigger word: a LoRA that learned the star should leave them alone."""
 
 
+REGULARIZATION_FOLDER = "1_shapes"
+"""``write_stars``' folder of regularisation pictures: the base's own shapes, no trigger word."""
+
+
 def write_stars(directory: Union[str, Path], *, count: int = 24, size: int = 64, seed: int = 0,
-                repeats: int = 1) -> Path:
+                repeats: int = 1, regularization: int = 8) -> Path:
     """Write the held-out concept's LoRA set: ``count`` pictures of stars (``STAR_CHOICES``)
     with captions such as ``"a big red star, white background"`` (the place is not named) into
     ``directory/<repeats>_star`` (a kohya-style folder; the trigger word is ``star``), and
-    each picture's ground truth (:class:`Scene` fields) to ``directory/scenes.json``. The same
+    ``regularization`` pictures of the shapes the base knows (circles, squares, triangles in any
+    colour, size and background, captioned the same way) into ``directory/1_shapes``; each
+    picture's ground truth (:class:`Scene` fields) goes to ``directory/scenes.json``. The same
     arguments give the same files; the folder is written under a temporary name and renamed.
+
+    The regularisation pictures are what kohya calls reg images and DreamBooth prior
+    preservation: trained beside the stars, they keep the LoRA from drawing stars for prompts
+    that do not ask for one (docs/mini-base.md measures it). ``regularization=0`` leaves them out.
 
     Example:
         >>> folder = write_stars("/tmp/emolightning-stars")  # doctest: +SKIP
@@ -240,35 +257,48 @@ def write_stars(directory: Union[str, Path], *, count: int = 24, size: int = 64,
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    if regularization < 0:
+        raise ValueError(f"regularization must be 0 or more, got {regularization}")
 
     def fill(folder: Path) -> None:
-        rng = random.Random(seed)
         scenes = {}
-        for index in range(count):
-            scene = sample_scene(rng, **STAR_CHOICES)
-            render_scene(scene, size).save(folder / f"{index:03d}.png")
-            (folder / f"{index:03d}.txt").write_text(scene.caption(omit=["place"]))
-            scenes[f"{folder.name}/{index:03d}.png"] = dataclasses.asdict(scene)
+        groups = [(folder, random.Random(seed), count, STAR_CHOICES)]
+        if regularization:
+            base_shapes = tuple(shape for shape in SCENE_SHAPES if shape != "star")
+            groups.append((folder.parent / REGULARIZATION_FOLDER, random.Random(f"{seed}-regularization"),
+                           regularization, {"shape": base_shapes}))
+        for target, rng, number, choices in groups:
+            target.mkdir(exist_ok=True)
+            for index in range(number):
+                scene = sample_scene(rng, **choices)
+                render_scene(scene, size).save(target / f"{index:03d}.png")
+                (target / f"{index:03d}.txt").write_text(scene.caption(omit=["place"]))
+                scenes[f"{target.name}/{index:03d}.png"] = dataclasses.asdict(scene)
         (folder.parent / "scenes.json").write_text(json.dumps(scenes, indent=1))
 
-    return _write_once(directory, f"{repeats}_star", fill)
+    return _write_once(directory, f"{repeats}_star", fill, also=[REGULARIZATION_FOLDER] if regularization else [])
 
 
-BUILTIN_SETS = {SHAPES: write_shapes, STARS: write_stars}
+STARS_ONLY = "builtin:stars-only"
+"""``builtin:stars`` without its regularisation pictures: the training-quality study's set."""
+
+BUILTIN_SETS: dict[str, Callable[..., Path]] = {SHAPES: write_shapes, STARS: write_stars,
+                                                STARS_ONLY: functools.partial(write_stars, regularization=0)}
 """The built-in data sets ``data.root`` accepts by name, and the function that writes each."""
 
 
 def builtin_set(root: Union[str, Path], resolution: int) -> Union[Path, None]:
-    """Write the built-in set named ``root`` (``"builtin:shapes"`` or ``"builtin:stars"``) at
-    ``resolution`` pixels into the temporary directory, once, and return its folder; ``None``
-    for any other ``root`` (a folder of the user's).
+    """Write the built-in set named ``root`` (a key of ``BUILTIN_SETS``) at ``resolution``
+    pixels into the temporary directory, once, and return its folder; ``None`` for any other
+    ``root`` (a folder of the user's).
 
     Example:
         >>> builtin_set("builtin:stars", 32)  # doctest: +SKIP
-        PosixPath('/tmp/emolightning-stars-32')
+        PosixPath('/tmp/emolightning-stars-v2-32')
     """
     writer = BUILTIN_SETS.get(str(root))
     if writer is None:
         return None
     name = str(root).split(":", 1)[1]
-    return writer(Path(tempfile.gettempdir()) / f"emolightning-{name}-{resolution}", size=resolution)
+    # "v2": the stars set gained its regularisation folder; an older set in the same place is left alone
+    return writer(Path(tempfile.gettempdir()) / f"emolightning-{name}-v2-{resolution}", size=resolution)

@@ -9,6 +9,7 @@ The batches follow :mod:`emolightning.batch`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -144,7 +145,8 @@ class SDLoRAModule(pl.LightningModule):
         vae_fp32: keep the VAE in float32 when the Trainer runs in half precision; default: on
             for SDXL under 16-bit float precision (its VAE overflows in float16), off otherwise.
         seed: seeds the LoRA initialisation, and the noise and timestep draws (offset by the
-            process rank).
+            process rank); default: the run's ``seed_everything`` (a recipe's
+            ``seed_everything:``), or 0 where none was set.
         validation_timesteps: each validation image is scored at this many evenly spaced
             timesteps, with noise fixed by ``seed`` and the batch, so ``val_loss`` is comparable
             across steps and runs.
@@ -223,7 +225,7 @@ class SDLoRAModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         cache_text_embeddings: bool = False,
         vae_fp32: Optional[bool] = None,
-        seed: int = 0,
+        seed: Optional[int] = None,
         validation_timesteps: int = 4,
         masked_validation: bool = True,
         dropped_caption_embedding: str = "empty_prompt",
@@ -268,6 +270,9 @@ class SDLoRAModule(pl.LightningModule):
             raise ValueError("model.cache_text_embeddings needs frozen text encoders; it cannot be combined with "
                              "model.train_text_encoder=true (turn one of them off)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if seed is None:  # Lightning's seed_everything leaves its seed here
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.hparams.seed = seed
         for key in ("pretrained", "base_config", "latent_cache_dir"):  # checkpoints load with weights_only=True: no Paths
             if self.hparams[key] is not None:
                 self.hparams[key] = str(self.hparams[key])

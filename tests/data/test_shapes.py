@@ -13,6 +13,7 @@ from emolightning.data.shapes import (
     SCENE_BACKGROUNDS,
     SCENE_COLOURS,
     SCENE_WORDS,
+    REGULARIZATION_FOLDER,
     STAR_CHOICES,
     STAR_PROMPTS,
     STAR_UNSEEN_PROMPTS,
@@ -94,13 +95,18 @@ def test_star_set_is_deterministic_and_matches_its_ground_truth(tmp_path):
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
     scenes = json.loads((first / "scenes.json").read_text())
-    assert len(scenes) == 24 and len(list((first / "1_star").glob("*.png"))) == 24
+    assert len(scenes) == 32 and len(list((first / "1_star").glob("*.png"))) == 24
+    assert len(list((first / REGULARIZATION_FOLDER).glob("*.png"))) == 8
     for name, fields in scenes.items():
         scene = Scene(**fields)
         caption = (first / name).with_suffix(".txt").read_text()
         assert caption == scene.caption(omit=["place"])
-        for attribute, value in scene.attributes().items():
-            assert value in STAR_CHOICES[attribute]
+        if name.startswith("1_star/"):
+            for attribute, value in scene.attributes().items():
+                assert value in STAR_CHOICES[attribute]
+        else:  # regularisation: the base's shapes, never the trigger word
+            assert name.startswith(f"{REGULARIZATION_FOLDER}/") and scene.shape != "star"
+            assert "star" not in caption
     for prompt in STAR_PROMPTS:  # trigger prompts in combinations the set shows
         assert all(value in STAR_CHOICES[a] for a, value in parse_caption(prompt).items())
     for prompt in STAR_UNSEEN_PROMPTS:  # generalisation prompts: combinations the set never shows
@@ -110,6 +116,19 @@ def test_star_set_is_deterministic_and_matches_its_ground_truth(tmp_path):
     assert all(parse_caption(p)["shape"] != "star" for p in BASE_PROMPTS)
     assert write_stars(tmp_path / "a") == first  # an existing set is kept
     assert not list(tmp_path.glob(".a.*"))
+
+
+def test_star_set_without_regularization_and_a_folder_holding_another_set(tmp_path):
+    bare = write_stars(tmp_path / "bare", regularization=0)
+    assert sorted(p.name for p in bare.iterdir()) == ["1_star", "scenes.json"]
+    assert len(json.loads((bare / "scenes.json").read_text())) == 24
+    # the folder holds the set without regularisation pictures: asking for them there must not
+    # silently return the other set, nor touch it
+    with pytest.raises(FileExistsError, match="lacks 1_shapes"):
+        write_stars(bare)
+    assert sorted(p.name for p in bare.iterdir()) == ["1_star", "scenes.json"]
+    with pytest.raises(ValueError, match="regularization"):
+        write_stars(tmp_path / "negative", regularization=-1)
 
 
 def test_write_shapes_is_unchanged(tmp_path):
@@ -126,10 +145,12 @@ def test_data_root_builtin_stars_is_the_star_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the built-in sets are written there
     data = ImageCaptionDataModule("builtin:stars", resolution=32, min_bucket=32, max_bucket=32, bucket_step=32)
-    assert data.check_folder() == 24
-    assert data.root == tmp_path / "emolightning-stars-32"
+    assert data.check_folder() == 32  # 24 stars and 8 regularisation pictures
+    assert data.root == tmp_path / "emolightning-stars-v2-32"
     captions = [p.read_text() for p in sorted((data.root / "1_star").glob("*.txt"))]
     assert len(captions) == 24 and all(parse_caption(c)["shape"] == "star" for c in captions)
     with Image.open(data.root / "1_star" / "000.png") as image:
         assert image.size == (32, 32)
     check_data_root(Namespace(data=Namespace(root="builtin:stars")))  # a known name, not a missing folder
+    only = ImageCaptionDataModule("builtin:stars-only", resolution=32, min_bucket=32, max_bucket=32, bucket_step=32)
+    assert only.check_folder() == 24 and sorted(p.name for p in only.root.iterdir()) == ["1_star", "scenes.json"]

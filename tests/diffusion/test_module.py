@@ -226,3 +226,21 @@ def test_the_module_pickles_with_its_noise_stream():
     copy = pickle.loads(pickle.dumps(module))
     assert isinstance(copy.generator, torch.Generator)
     assert torch.equal(torch.randn(4, generator=copy.generator), torch.randn(4, generator=module.generator))
+
+
+def test_seeds_follow_seed_everything_unless_given(tmp_path, monkeypatch):
+    """A recipe's ``seed_everything: 1`` must change the run: the module's and the data's seeds
+    default to Lightning's global seed (0 where none was set), and an explicit one wins."""
+    from emolightning.data import ImageCaptionDataModule
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    unseeded = SDLoRAModule("builtin:tiny", lora_rank=4)
+    assert unseeded.hparams.seed == 0
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what lightning's seed_everything(7) sets
+    follows, given = SDLoRAModule("builtin:tiny", lora_rank=4), SDLoRAModule("builtin:tiny", lora_rank=4, seed=0)
+    assert follows.hparams.seed == 7 and given.hparams.seed == 0
+    start = _lora(unseeded)  # the LoRA's random initialisation
+    assert any(not torch.equal(value, start[name]) for name, value in _lora(follows).items())
+    assert all(torch.equal(value, start[name]) for name, value in _lora(given).items())
+    assert ImageCaptionDataModule(str(tmp_path)).hparams.shuffle_seed == 7
+    assert ImageCaptionDataModule(str(tmp_path), shuffle_seed=3).hparams.shuffle_seed == 3
