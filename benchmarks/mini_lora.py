@@ -1,5 +1,6 @@
 """How fast a LoRA learns the held-out concept (the star) on ``builtin:mini``, and how fast it
-trains: a real Lightning fit of ``SDLoRAModule`` on ``builtin:stars`` (24 pictures, batch 4),
+trains: a real Lightning fit of ``SDLoRAModule`` on ``builtin:stars`` (24 pictures of stars and 8
+regularisation pictures; ``--no-regularization``: the stars alone, ``builtin:stars-only``; batch 4),
 probed every ``--every`` steps with ``ConceptScore`` on pictures drawn from the three prompt
 lists (seen trigger combinations, unseen ones, base prompts without the trigger), four seeds each.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 import warnings
 from functools import partial
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from emolightning.data import ImageCaptionDataModule
-from emolightning.data.shapes import BASE_PROMPTS, STAR_PROMPTS, STAR_UNSEEN_PROMPTS, builtin_set, write_stars
+from emolightning.data.shapes import BASE_PROMPTS, STAR_PROMPTS, STAR_UNSEEN_PROMPTS, builtin_set
 from emolightning.diffusion import SDLoRAModule
 from emolightning.diffusion.concept import ConceptScore
 from emolightning.optim import EmoNavi
@@ -95,8 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    root = builtin_set("builtin:stars", 32) if args.regularization else write_stars(
-        Path(tempfile.gettempdir()) / "emolightning-stars-32", size=32, regularization=0)
+    root = builtin_set("builtin:stars" if args.regularization else "builtin:stars-only", 32)
     module = SDLoRAModule("builtin:mini", lora_rank=args.rank, target_preset=args.target_preset,
                           optimizer=partial(EmoNavi, lr=args.lr), snr_gamma=args.snr_gamma,
                           cache_latents="memory", sample_size=32, sample_inference_steps=args.sample_steps,

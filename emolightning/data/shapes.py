@@ -32,7 +32,9 @@ def _write_once(directory: Union[str, Path], folder_name: str, fill: Callable[[P
     wanted = [directory / name for name in (folder_name, *also)]
     if all(path.is_dir() for path in wanted):
         return directory
-    if directory.is_dir() and any(directory.iterdir()):
+    occupied = directory.is_dir() and any(directory.iterdir())
+    # looked at again after: another process may have just renamed its complete set into place
+    if occupied and not all(path.is_dir() for path in wanted):
         raise FileExistsError(f"{directory} holds another set than the one asked for (it lacks "
                               f"{', '.join(p.name for p in wanted if not p.is_dir())}): remove it or pick another folder")
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,6 @@ def test_a_few_steps_print_the_probes_and_draw_the_grid(tmp_path):
         for name in ("star_presence", "unseen_presence", "base_presence", "base_agreement"):
             assert 0.0 <= probe[name] <= 1.0
     assert records[-1]["steps_per_s"] > 0
-    assert not (tmp_path / "emolightning-stars-32" / "1_shapes").exists()  # the stars alone, as asked
+    assert sorted(p.name for p in (tmp_path / "emolightning-stars-only-v2-32").iterdir()) == ["1_star", "scenes.json"]
     with Image.open(grid) as image:
         assert image.size[1] == 3 * image.size[0] // 10  # three probes, ten prompts per row
