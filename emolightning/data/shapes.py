@@ -82,7 +82,7 @@ def write_shapes(directory: Union[str, Path], *, count: int = 24, size: int = 64
 # ----------------------------------------------------------------------------------- scenes
 # A richer renderer: one shape whose kind, colour, size, place and background the caption
 # names, e.g. "a big red circle on the left, white background". The built-in pretrained base
-# (builtin:mini) learned these words; the held-out concept (builtin:stars) adds a shape it never saw.
+# (builtin:mini) learned these words; the held-out concept (builtin:stars) adds a shape it never learned to draw.
 SCENE_SHAPES = ("circle", "square", "triangle", "star")
 SCENE_COLOURS = {"red": (215, 45, 40), "green": (45, 165, 65), "blue": (45, 80, 215), "yellow": (235, 200, 40),
                  "purple": (145, 60, 195)}

@@ -3,7 +3,7 @@ truth (:mod:`emolightning.data.shapes`) and shipped with the package, reads each
 picture's shape, colour, size, place and background. From it:
 
 - **concept presence**: the probability that a picture shows the held-out concept (the star,
-  which the ``builtin:mini`` base never saw), for prompts that ask for it;
+  which the ``builtin:mini`` base never learned to draw), for prompts that ask for it;
 - **prompt agreement**: the mean probability of the attributes a prompt names, e.g. for
   ``"a small blue square at the top, grey background"`` whether the picture holds a small blue
   square at the top on grey. On trigger prompts in combinations the LoRA set never showed it
