@@ -218,7 +218,7 @@ class Evaluator:
         """Latents (VAE mode, scaled) and text embeddings of the held-out pictures; the VAE and
         text encoder are frozen, so they are computed once."""
         if self.held_out is None:
-            from emolightning.data.shapes import render_scene, sample_scene, write_stars
+            from emolightning.data.shapes import BASE_SHAPES, render_scene, sample_scene, write_stars
             from PIL import Image
             import numpy as np
 
@@ -226,7 +226,7 @@ class Evaluator:
                                  regularization=0) / "1_star"
             stars = [(Image.open(p).convert("RGB"), p.with_suffix(".txt").read_text()) for p in sorted(folder.glob("*.png"))]
             rng = random.Random(2)
-            scenes = [sample_scene(rng, shape=["circle", "square", "triangle"]) for _ in range(HELD_OUT)]
+            scenes = [sample_scene(rng, shape=BASE_SHAPES) for _ in range(HELD_OUT)]
             base = [(render_scene(s, 32), s.caption(omit=["place"])) for s in scenes]
             self.held_out = {}
             with torch.no_grad():

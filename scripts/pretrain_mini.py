@@ -58,12 +58,11 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emolightning.data.shapes import SCENE_SHAPES, SCENE_WORDS, render_scene, sample_scene  # noqa: E402
-from emolightning.diffusion.concept import CONCEPT, SceneClassifier  # noqa: E402
+from emolightning.data.shapes import BASE_SHAPES, SCENE_SHAPES, SCENE_WORDS, render_scene, sample_scene  # noqa: E402
+from emolightning.diffusion.concept import SceneClassifier  # noqa: E402
 from emolightning.diffusion.mini import MINI_RECORD, WEIGHTS, mini_networks, write_word_tokenizer  # noqa: E402
 
 SIZE = 32
-BASE_SHAPES = tuple(s for s in SCENE_SHAPES if s != CONCEPT)
 UNET = dict(sample_size=SIZE // 4, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
             layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64,

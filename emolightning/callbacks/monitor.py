@@ -140,7 +140,7 @@ class EmotionMonitor(StepCallback):
         figure, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
         axes[0].plot(steps, h["train_loss"], color="tab:blue", linewidth=1, label="training loss")
         axes[0].set_ylabel("training loss")
-        fed = [a for a, b in zip(h["loss"], h["train_loss"]) if not (math.isnan(a) or a == b)]
+        fed = any(not (math.isnan(a) or a == b) for a, b in zip(h["loss"], h["train_loss"]))
         if fed:  # the optimizer read another signal than the training loss (e.g. a calibrated one)
             twin = axes[0].twinx()
             twin.plot(steps, h["loss"], color="tab:red", linewidth=1, alpha=0.8, label="emotion signal")

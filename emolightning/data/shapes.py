@@ -84,6 +84,8 @@ def write_shapes(directory: Union[str, Path], *, count: int = 24, size: int = 64
 # names, e.g. "a big red circle on the left, white background". The built-in pretrained base
 # (builtin:mini) learned these words; the held-out concept (builtin:stars) adds a shape it never learned to draw.
 SCENE_SHAPES = ("circle", "square", "triangle", "star")
+BASE_SHAPES = tuple(shape for shape in SCENE_SHAPES if shape != "star")
+"""The shapes ``builtin:mini`` learned to draw: all but the held-out star."""
 SCENE_COLOURS = {"red": (215, 45, 40), "green": (45, 165, 65), "blue": (45, 80, 215), "yellow": (235, 200, 40),
                  "purple": (145, 60, 195)}
 SCENE_BACKGROUNDS = {"white": (245, 245, 240), "black": (20, 20, 25), "grey": (125, 125, 130)}
@@ -266,9 +268,8 @@ def write_stars(directory: Union[str, Path], *, count: int = 24, size: int = 64,
         scenes = {}
         groups = [(folder, random.Random(seed), count, STAR_CHOICES)]
         if regularization:
-            base_shapes = tuple(shape for shape in SCENE_SHAPES if shape != "star")
             groups.append((folder.parent / REGULARIZATION_FOLDER, random.Random(f"{seed}-regularization"),
-                           regularization, {"shape": base_shapes}))
+                           regularization, {"shape": BASE_SHAPES}))
         for target, rng, number, choices in groups:
             target.mkdir(exist_ok=True)
             for index in range(number):
